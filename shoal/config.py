@@ -1,0 +1,91 @@
+"""Frozen configuration dataclasses, one per concern, plus the aggregate `ShoalConfig`.
+
+Validation lives in `__post_init__` and raises `ValueError` naming the CLI flag, so the CLI,
+the offline `LLM` and the server report bad settings the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def _check(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{flag}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Path to a Hugging Face directory or a .gguf file; None = the embedded default model.
+    model: str | None = None
+    # Tokenizer source when it differs from `model` (a directory or .gguf file).
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    load_format: str = "auto"
+    # None = the model's own context length (max_position_embeddings).
+    max_model_len: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    # The name clients use in the `model` field; None = derived from the model path.
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "--dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.load_format in LOAD_FORMATS, "--load-format",
+               f"must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        _check(self.device in DEVICES, "--device", f"must be one of {DEVICES}, got {self.device!r}")
+        if self.max_model_len is not None:
+            _check(self.max_model_len > 0, "--max-model-len", "must be positive")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Memory given to the KV cache; the number of blocks follows from it.
+    kv_cache_memory_bytes: int = 1 << 30
+    # Exact number of KV blocks (overrides kv_cache_memory_bytes; tests use it to force
+    # preemption).
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+               "--block-size", "must be a positive power of two")
+        _check(self.kv_cache_memory_bytes > 0, "--kv-cache-memory-bytes", "must be positive")
+        if self.num_blocks is not None:
+            _check(self.num_blocks > 0, "--num-blocks", "must be positive")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Token budget of one step (prefill chunks + decode tokens).
+    max_num_batched_tokens: int = 2048
+    # Cap on running sequences.
+    max_num_seqs: int = 128
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_batched_tokens > 0, "--max-num-batched-tokens", "must be positive")
+        _check(self.max_num_seqs > 0, "--max-num-seqs", "must be positive")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    data_parallel_size: int = 1
+    api_server_count: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.data_parallel_size >= 1, "--data-parallel-size", "must be at least 1")
+        _check(self.api_server_count >= 0, "--api-server-count", "must be at least 0")
+
+
+@dataclass(frozen=True)
+class ShoalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -1,0 +1,1 @@
+"""Engine core: requests, scheduler and KV-cache bookkeeping (pure Python, no torch here)."""

@@ -1,0 +1,78 @@
+"""The contract between the scheduler (pure Python) and the model runner (torch).
+
+Each step the scheduler emits one `SchedulerOutput`; the runner keeps per-request state across
+steps (token ids, block table, sampling state) and returns one `ModelRunnerOutput`.
+
+- `scheduled_new_reqs`: requests the runner has not seen, or has dropped (resumed after
+  preemption: their `output_token_ids` are non-empty and are recomputed like prompt tokens).
+- `scheduled_cached_reqs`: requests the runner already holds, continuing (next prefill chunk,
+  or one decode token). The runner appends the token it sampled last step itself.
+- `num_scheduled_tokens[req_id]`: how many tokens of the request to compute this step,
+  starting at its `num_computed_tokens`.
+- A request is sampled only when this step reaches its last known token
+  (`num_computed_tokens + num_scheduled_tokens == len(prompt) + len(outputs)`); a chunk that
+  stops short of that samples nothing (an empty list in `sampled_token_ids`).
+- `finished_req_ids` / `preempted_req_ids`: the runner drops their state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shoal.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list[int]
+    # Already generated tokens (non-empty only when resuming after preemption).
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    # Every block of the request's block table so far.
+    block_ids: list[int]
+    # Tokens already in the KV cache (prefix-cache hits); computing starts here.
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    req_ids: list[str] = field(default_factory=list)
+    # Blocks appended to each request's block table this step (often empty).
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    num_output_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+    def is_context_phase(self, req_id: str) -> bool:
+        """True for a listed request with no output tokens yet (a later prefill chunk)."""
+        for rid, num_out in zip(self.req_ids, self.num_output_tokens):
+            if rid == req_id:
+                return num_out == 0
+        return False
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ModelRunnerOutput:
+    # Order of the requests in this step's batch.
+    req_ids: list[str] = field(default_factory=list)
+    # One list per request (empty when the step did not reach its last token).
+    sampled_token_ids: list[list[int]] = field(default_factory=list)
+    # Per request, per sampled token: (token_id, logprob, rank, top ids, top logprobs), or
+    # None when the request asked for no logprobs.
+    logprobs: list[list[tuple[int, float, int, list[int], list[float]]] | None] = field(
+        default_factory=list
+    )

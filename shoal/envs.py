@@ -1,0 +1,67 @@
+"""Every environment variable shoal reads, typed, read once (prefix SHOAL_)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+
+def _bool(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from e
+
+
+@dataclass(frozen=True)
+class Envs:
+    # Deadline for engines' READY handshake and for API servers to report bound addresses.
+    engine_ready_timeout_s: float
+    # Parent directory of the private per-run IPC directory (mode 0700).
+    rpc_base_path: str
+    logging_level: str
+    # Usage stats (report_usage_stats): off with either variable set.
+    no_usage_stats: bool
+    do_not_track: bool
+    config_root: str
+    usage_stats_server: str | None
+    # Path of the native frontend binary ("" = the one built in native/).
+    rust_frontend_path: str
+    # HTTP keep-alive seconds for API servers.
+    http_timeout_keep_alive_s: float
+
+
+def _read() -> Envs:
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Envs(
+        engine_ready_timeout_s=_float("SHOAL_ENGINE_READY_TIMEOUT_S", 600.0),
+        rpc_base_path=os.environ.get("SHOAL_RPC_BASE_PATH") or tempfile.gettempdir(),
+        logging_level=os.environ.get("SHOAL_LOGGING_LEVEL", "INFO").upper(),
+        no_usage_stats=_bool("SHOAL_NO_USAGE_STATS"),
+        do_not_track=_bool("DO_NOT_TRACK") or _bool("SHOAL_DO_NOT_TRACK"),
+        config_root=os.environ.get("SHOAL_CONFIG_ROOT") or os.path.join(config_home, "shoal"),
+        usage_stats_server=os.environ.get("SHOAL_USAGE_STATS_SERVER") or None,
+        rust_frontend_path=os.environ.get("SHOAL_RUST_FRONTEND_PATH", ""),
+        http_timeout_keep_alive_s=_float("SHOAL_HTTP_TIMEOUT_KEEP_ALIVE", 5.0),
+    )
+
+
+ENVS: Envs = _read()
+
+
+def refresh() -> Envs:
+    """Re-read the environment (tests and child processes that changed it call this)."""
+    global ENVS
+    ENVS = _read()
+    return ENVS

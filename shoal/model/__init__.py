@@ -1,0 +1,1 @@
+"""Llama-family models and their loaders (HF safetensors, GGUF, dummy weights)."""

@@ -1,0 +1,1 @@
+"""Process runtime: the seed API (process managers, shutdown, ZMQ addresses)."""

@@ -1,0 +1,1 @@
+"""`shoal serve`: launcher, engine-core processes, DP coordinator, API servers."""

@@ -1,0 +1,1 @@
+"""Model runner: persistent input buffers, paged-attention forward, sampling (torch)."""
