@@ -112,3 +112,54 @@ def encode(msg: msgspec.Struct) -> bytes:
 def decoder(type_: type) -> msgspec.msgpack.Decoder:
     """A reusable typed decoder (msgspec.DecodeError / ValidationError on bad frames)."""
     return msgspec.msgpack.Decoder(type_)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving topology (see docs/serving.md):
+#   API server i binds a ROUTER on input_address[i] and a PULL on output_address[i].
+#   Engine k connects a DEALER (identity = engine_identity(k)) to every API server's input
+#   address and a PUSH to every API server's output address (indexed by client_index).
+#   Engine -> each API server, first message on the DEALER: EngineReady.
+#   API server -> engine k on its ROUTER: [engine_identity(k), RequestType.ADD,
+#   encode(EngineCoreRequest)] or [engine_identity(k), RequestType.ABORT, encode(AbortRequest)].
+#   Engine -> API server: encode(EngineCoreOutputs) on PUSH[client_index], or ENGINE_CORE_DEAD.
+#   DP coordinator (M > 1): engines PUSH EngineLoad to it; it PUBlishes DPStats on
+#   stats_update_address; API servers SUBscribe.
+# ---------------------------------------------------------------------------------------------
+
+
+def engine_identity(engine_index: int) -> bytes:
+    """ZMQ routing identity of engine `engine_index` on the API servers' ROUTER sockets."""
+    return engine_index.to_bytes(2, "little")
+
+
+class EngineReady(msgspec.Struct, array_like=True, gc=False):
+    """An engine's first message to each API server (and to the launcher's handshake)."""
+
+    engine_index: int
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    model_name: str = ""
+
+
+class AbortRequest(msgspec.Struct, array_like=True, gc=False):
+    request_ids: list[str]
+
+
+class EngineLoad(msgspec.Struct, array_like=True, gc=False):
+    """An engine's queue lengths, pushed to the DP coordinator after each step change."""
+
+    engine_index: int
+    num_waiting_reqs: int
+    num_running_reqs: int
+    kv_cache_usage: float = 0.0
+
+
+class DPStats(msgspec.Struct, array_like=True, gc=False):
+    """The coordinator's view of every engine, published to all API servers.
+
+    `loads[k] = (num_waiting_reqs, num_running_reqs)` of engine k."""
+
+    loads: list[tuple[int, int]]
+    timestamp: float = 0.0
