@@ -6,6 +6,8 @@ init is still found (psutil reads /proc/<pid>/environ).
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.resource_tracker
 import os
 import tempfile
 import time
@@ -47,6 +49,13 @@ def _leftover_ipc_files() -> list[str]:
     return leftovers
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _resource_tracker_running() -> None:
+    """The first spawn starts multiprocessing's resource tracker, which lives until the
+    session ends; start it before any test's leak snapshot so it is not counted as a leak."""
+    multiprocessing.resource_tracker.ensure_running()
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest):
     """Fail the test if it leaves a process or an IPC socket file behind."""
@@ -66,13 +75,9 @@ def no_leaks(request: pytest.FixtureRequest):
                 described.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
             except psutil.Error:
                 described.append(str(p.pid))
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         for f in files:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(f)
-            except OSError:
-                pass
         pytest.fail(f"test left behind processes {described} and IPC files {files}")

@@ -1,0 +1,139 @@
+"""Start-up of every child process: name, log role, own process group, death with the parent.
+
+Every child role (API server, engine core, DP coordinator, test stubs) calls
+`init_child_process(role)` first thing. Afterwards:
+
+* `ps` shows `shoal::<role>` and every log line starts with `[<role> pid=...]`;
+* the child leads its own process group, so the launcher can kill the child and everything
+  it started (even a grandchild re-parented to init by a double fork) with one `killpg`;
+* the child is a child subreaper (Linux), so orphaned descendants re-parent to it rather than
+  to init and stay visible in its process tree while it lives;
+* the child dies with its parent: `prctl(PR_SET_PDEATHSIG, SIGKILL)` (Linux), plus a watcher
+  thread as the portable fallback that waits on the multiprocessing parent sentinel (EOF the
+  moment the parent dies) or polls `getppid()`; it unlinks this process's IPC socket files
+  and kills its process group.
+
+PR_SET_PDEATHSIG fires when the *thread* that started the child exits, not only the
+process: start children with `shoal.runtime.procs.start_process` (main thread or a daemon
+spawner thread that lives as long as the process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+
+from shoal.logger import init_logger, set_process_role
+from shoal.runtime.addresses import cleanup_owned_ipc_paths
+
+logger = init_logger(__name__)
+
+PROCESS_TITLE_PREFIX = "shoal::"
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+# How often the fallback watcher polls getppid() when there is no parent sentinel.
+_PARENT_POLL_INTERVAL_S = 0.2
+
+
+def init_child_process(role: str) -> None:
+    """Prepare this process to run as `role` (e.g. `ApiServer_0`, `EngineCore_1`).
+
+    Sets the process title (`shoal::<role>`, skipped without setproctitle), the logging role,
+    makes the process lead its own process group and a child subreaper, and arms the
+    parent-death watch (see the module docstring). Call it before anything else in a child:
+    a parent that dies before the watch is armed is detected right after arming.
+    """
+    set_process_role(role)
+    _set_process_title(PROCESS_TITLE_PREFIX + role)
+    _lead_process_group()
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    watch_parent(use_pdeathsig=True)
+
+
+def watch_parent(use_pdeathsig: bool = True) -> None:
+    """Exit (killing this process's group) as soon as the parent process dies.
+
+    `use_pdeathsig`: also ask the kernel for SIGKILL on parent death (Linux). The watcher
+    thread always runs; it is what acts where prctl is unavailable or not requested.
+    """
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None and parent.pid else os.getppid()
+    if use_pdeathsig:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        # The parent died before the watch was armed: we were already re-parented.
+        _die_with_parent(parent_pid)
+    sentinel = parent.sentinel if parent is not None else None
+    thread = threading.Thread(
+        target=_watch, args=(parent_pid, sentinel), name="ParentWatch", daemon=True
+    )
+    thread.start()
+
+
+def _watch(parent_pid: int, sentinel: int | None) -> None:
+    if sentinel is not None:
+        # The spawn parent holds the write end of this pipe: EOF exactly when it exits.
+        multiprocessing.connection.wait([sentinel])
+    else:
+        stop = threading.Event()
+        while os.getppid() == parent_pid:
+            stop.wait(_PARENT_POLL_INTERVAL_S)
+    _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    with contextlib.suppress(Exception):
+        # stderr may be a pipe nobody reads any more.
+        logger.warning("parent process %d is gone; exiting", parent_pid)
+    with contextlib.suppress(Exception):
+        cleanup_owned_ipc_paths()
+    with contextlib.suppress(Exception):
+        _kill_descendants()
+    if os.getpgrp() == os.getpid():
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpid(), signal.SIGKILL)  # the whole group, this process included
+    os._exit(1)
+
+
+def _kill_descendants() -> None:
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _lead_process_group() -> None:
+    try:
+        os.setpgid(0, 0)
+    except OSError as e:
+        # EPERM: a session leader already leads its own group.
+        logger.debug("setpgid failed (%s); staying in process group %d", e, os.getpgrp())
+
+
+def _set_process_title(title: str) -> None:
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
+
+
+def _prctl(option: int, value: int) -> bool:
+    """prctl(option, value) on Linux; False where unavailable or refused."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    if not ok:
+        logger.debug("prctl(%d, %d) failed: errno %d", option, value, ctypes.get_errno())
+    return ok

@@ -1,0 +1,176 @@
+"""`RustFrontendProcessManager`: one native frontend subprocess on the inherited HTTP socket."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from typing import Any
+
+from shoal import envs
+from shoal.logger import init_logger
+from shoal.runtime.managers import ProcessManager
+from shoal.runtime.procs import _SubprocessWrapper, run_on_stable_thread
+
+logger = init_logger(__name__)
+
+FRONTEND_PROCESS_NAME = "RustFrontend"
+# Flags that describe the Python-side topology, not the frontend: never forwarded.
+EXCLUDED_ARGS = frozenset(
+    {
+        "api_server_count",
+        "data_parallel_rank",
+        "data_parallel_external_lb",
+        "data_parallel_hybrid_lb",
+    }
+)
+# Shown as "***" when the command line is logged.
+SECRET_ARGS = frozenset({"api_key", "hf_token", "watermark_config"})
+
+
+class RustFrontendProcessManager(ProcessManager):
+    """Runs the native frontend binary in place of the Python API servers.
+
+    Command line (every value a string):
+    `<binary_path> frontend --listen-fd <fd> --input-address <in> --output-address <out>
+    --engine-start-index <s> --engine-count <c> --data-parallel-size <n>
+    [--coordinator-address <stats_update_address>] --args-json <json>`.
+    The listening socket's fd is the only one passed (`pass_fds`); the binary binds the two
+    ZMQ addresses itself (so give it concrete ports or IPC paths, not `tcp://h:0`). It runs
+    in its own process group. `--args-json` is `frontend_args_json(args)`. `processes` is one
+    `_SubprocessWrapper` named `RustFrontend`; `shutdown(timeout)` stops it like any other
+    child (the caller's timeout honoured) and unlinks IPC socket files of both addresses.
+    `FileNotFoundError` unless `binary_path` is an executable file; `ValueError` for counts.
+    The binary should exit on SIGTERM and when its parent dies.
+    """
+
+    def __init__(
+        self,
+        binary_path: str,
+        sock: Any,
+        args: Any,
+        input_address: str,
+        output_address: str,
+        engine_start_index: int,
+        engine_count: int,
+        data_parallel_size: int,
+        stats_update_address: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not (os.path.isfile(binary_path) and os.access(binary_path, os.X_OK)):
+            raise FileNotFoundError(
+                f"native frontend binary not found or not executable: "
+                f"{binary_path!r} (SHOAL_RUST_FRONTEND_PATH)"
+            )
+        _check_non_negative("engine_start_index", engine_start_index)
+        _check_non_negative("engine_count", engine_count, minimum=1)
+        _check_non_negative("data_parallel_size", data_parallel_size, minimum=1)
+        self.sock = sock
+        self.args = args
+        self.unlink_at_shutdown([input_address, output_address])
+        fd = sock.fileno()
+        cmd = frontend_command(
+            binary_path,
+            fd,
+            args,
+            input_address,
+            output_address,
+            engine_start_index,
+            engine_count,
+            data_parallel_size,
+            stats_update_address,
+        )
+        logger.info("starting native frontend: %s", " ".join(_redacted(cmd)))
+        with self.rollback_on_error():
+            popen = run_on_stable_thread(
+                lambda: subprocess.Popen(cmd, pass_fds=(fd,), process_group=0)
+            )
+            self.processes.append(_SubprocessWrapper(popen, FRONTEND_PROCESS_NAME))
+
+
+def frontend_command(
+    binary_path: str,
+    listen_fd: int,
+    args: Any,
+    input_address: str,
+    output_address: str,
+    engine_start_index: int,
+    engine_count: int,
+    data_parallel_size: int,
+    stats_update_address: str | None = None,
+) -> list[str]:
+    """The frontend's argv (see `RustFrontendProcessManager`)."""
+    cmd = [
+        binary_path,
+        "frontend",
+        "--listen-fd",
+        str(listen_fd),
+        "--input-address",
+        input_address,
+        "--output-address",
+        output_address,
+        "--engine-start-index",
+        str(engine_start_index),
+        "--engine-count",
+        str(engine_count),
+        "--data-parallel-size",
+        str(data_parallel_size),
+    ]
+    if stats_update_address is not None:
+        cmd += ["--coordinator-address", stats_update_address]
+    return cmd + ["--args-json", frontend_args_json(args)]
+
+
+def frontend_args_json(args: Any) -> str:
+    """`args` as the frontend's shared-runtime JSON object (sorted keys).
+
+    Every JSON-serialisable field of `args` (an argparse Namespace, a mapping or a
+    dataclass) except `EXCLUDED_ARGS`, None values and private names; `model_tag` defaults
+    to `model`; plus `engine_ready_timeout_secs` and `http_timeout_keep_alive` from SHOAL_
+    environment variables (the frontend cannot read shoal's environment defaults itself).
+    """
+    fields = _fields(args)
+    payload: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key in EXCLUDED_ARGS or key.startswith("_") or value is None:
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        payload[key] = value
+    if "model_tag" not in payload and "model" in payload:
+        payload["model_tag"] = payload["model"]
+    payload["engine_ready_timeout_secs"] = envs.ENVS.engine_ready_timeout_s
+    payload["http_timeout_keep_alive"] = envs.ENVS.http_timeout_keep_alive_s
+    return json.dumps(payload, sort_keys=True)
+
+
+def _fields(args: Any) -> dict[str, Any]:
+    if args is None:
+        return {}
+    if isinstance(args, Mapping):
+        return dict(args)
+    if dataclasses.is_dataclass(args) and not isinstance(args, type):
+        return dataclasses.asdict(args)
+    if hasattr(args, "__dict__"):
+        return dict(vars(args))
+    raise ValueError(f"args: expected a Namespace, mapping or dataclass, got {type(args).__name__}")
+
+
+def _redacted(cmd: list[str]) -> list[str]:
+    shown = list(cmd)
+    if "--args-json" in shown:
+        i = shown.index("--args-json") + 1
+        payload = json.loads(shown[i])
+        for key in SECRET_ARGS & payload.keys():
+            payload[key] = "***"
+        shown[i] = json.dumps(payload, sort_keys=True)
+    return shown
+
+
+def _check_non_negative(field: str, value: int, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field}: must be an integer >= {minimum}, got {value!r}")
