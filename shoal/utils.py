@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from shoal.constant_list import ConstantList
 from shoal.runtime.addresses import get_engine_client_zmq_addr
 from shoal.runtime.frontend import RustFrontendProcessManager
 from shoal.runtime.managers import APIServerProcessManager
@@ -50,6 +51,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "APIServerProcessManager",
+    "ConstantList",
     "RustFrontendProcessManager",
     "_SubprocessWrapper",
     "_shutdown_subprocesses",
