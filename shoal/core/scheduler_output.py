@@ -12,7 +12,10 @@ steps (token ids, block table, sampling state) and returns one `ModelRunnerOutpu
 - A request is sampled only when this step reaches its last known token
   (`num_computed_tokens + num_scheduled_tokens == len(prompt) + len(outputs)`); a chunk that
   stops short of that samples nothing (an empty list in `sampled_token_ids`).
-- `finished_req_ids` / `preempted_req_ids`: the runner drops their state.
+- `finished_req_ids` / `preempted_req_ids`: the runner drops their state, before it adds
+  this step's `scheduled_new_reqs` (a resumed request arrives in a later step as new). They
+  are delivered with the next step that schedules tokens; a step with nothing scheduled
+  never reaches the runner.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class NewRequestData:
     block_ids: list[int]
     # Tokens already in the KV cache (prefix-cache hits); computing starts here.
     num_computed_tokens: int
+    # The model's EOS id (None: none), for masking EOS while fewer than min_tokens outputs.
+    eos_token_id: int | None = None
 
 
 @dataclass
@@ -47,12 +52,16 @@ class CachedRequestData:
     def num_reqs(self) -> int:
         return len(self.req_ids)
 
+    # req_id -> no output tokens yet; built on first use so lookups are O(1).
+    _is_ctx: dict[str, bool] | None = field(default=None, init=False, repr=False, compare=False)
+
     def is_context_phase(self, req_id: str) -> bool:
         """True for a listed request with no output tokens yet (a later prefill chunk)."""
-        for rid, num_out in zip(self.req_ids, self.num_output_tokens):
-            if rid == req_id:
-                return num_out == 0
-        return False
+        if self._is_ctx is None or len(self._is_ctx) != len(self.req_ids):
+            self._is_ctx = {}
+            for rid, num_out in zip(self.req_ids, self.num_output_tokens, strict=True):
+                self._is_ctx.setdefault(rid, num_out == 0)
+        return self._is_ctx.get(req_id, False)
 
 
 @dataclass

@@ -1,0 +1,139 @@
+"""`EngineCore`: one engine's step loop body (schedule -> execute model -> update), no I/O."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from shoal.config import ShoalConfig
+from shoal.core.request import Request, RequestStatus
+from shoal.core.scheduler import Scheduler
+from shoal.core.scheduler_output import ModelRunnerOutput
+from shoal.logger import init_logger
+from shoal.protocol import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    FinishReason,
+    SchedulerStats,
+)
+
+if TYPE_CHECKING:
+    from shoal.worker.model_runner import ModelRunner
+
+logger = init_logger(__name__)
+
+
+class EngineCore:
+    """The scheduler and the model runner of one engine, driven one `step()` at a time.
+
+    No sockets and no threads: the engine process wraps it with ZMQ I/O threads, and the
+    offline `LLM` drives it in-process. Not thread-safe: call every method from one thread.
+    """
+
+    def __init__(self, config: ShoalConfig, engine_index: int = 0) -> None:
+        """Load the model, size and allocate the KV cache, build the scheduler.
+
+        The number of blocks is `config.cache.num_blocks`, else what
+        `kv_cache_memory_bytes` holds. `max_model_len` is the model's, capped to what the
+        KV cache can hold for one request. `ValueError` for settings that cannot work.
+        """
+        # Imported here: importing shoal.core must not import torch.
+        from shoal.worker.model_runner import ModelRunner
+
+        self.config = config
+        self.engine_index = engine_index
+        self.model_runner: ModelRunner = ModelRunner(config)
+        block_size = config.cache.block_size
+        num_blocks = config.cache.num_blocks or self.model_runner.num_blocks_for_memory(
+            config.cache.kv_cache_memory_bytes
+        )
+        if num_blocks < 1:
+            raise ValueError(
+                f"--kv-cache-memory-bytes: {config.cache.kv_cache_memory_bytes} bytes hold no "
+                "KV block of this model; raise it"
+            )
+        self.model_runner.initialize_kv_cache(num_blocks)
+        max_model_len = min(self.model_runner.max_model_len, num_blocks * block_size)
+        if max_model_len < self.model_runner.max_model_len:
+            logger.warning(
+                "max_model_len lowered from %d to %d: the KV cache holds only %d blocks of %d "
+                "tokens; raise --kv-cache-memory-bytes or --num-blocks for longer requests",
+                self.model_runner.max_model_len,
+                max_model_len,
+                num_blocks,
+                block_size,
+            )
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, max_model_len)
+        self._pending_outputs: list[EngineCoreOutput] = []
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d token slots (%.2fx requests of max_model_len "
+            "%d at once); prefix caching %s",
+            num_blocks,
+            block_size,
+            num_blocks * block_size,
+            num_blocks * block_size / max_model_len,
+            max_model_len,
+            "on" if config.cache.enable_prefix_caching else "off",
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len
+
+    @property
+    def num_blocks(self) -> int:
+        return self.scheduler.kv.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.scheduler.block_size
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request. `ValueError` for an empty prompt, a prompt longer than
+        `max_model_len`, or a request id already in the engine."""
+        self.scheduler.add_request(Request.from_engine_core_request(request, self.max_model_len))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        """Abort requests at any stage and free their blocks. Each one that was unfinished
+        gets an output with finish_reason ABORT in the next `step()`; others are ignored."""
+        for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
+            self._pending_outputs.append(
+                EngineCoreOutput(
+                    request.request_id,
+                    [],
+                    finish_reason=FinishReason.ABORT,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                )
+            )
+
+    def abort_all_requests(self) -> None:
+        """Abort every unfinished request (shutdown without draining)."""
+        self.abort_requests(list(self.scheduler.requests))
+
+    def has_unfinished_requests(self) -> bool:
+        """True while a `step()` has work: requests to run or abort outputs to deliver."""
+        return self.scheduler.has_unfinished_requests() or bool(self._pending_outputs)
+
+    def step(self) -> EngineCoreOutputs:
+        """Run one step: schedule, execute the model (skipped when nothing is scheduled),
+        update. Returns outputs for requests that got tokens or finished (aborts included),
+        and this step's scheduler stats."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.total_num_scheduled_tokens > 0:
+            runner_output = self.model_runner.execute_model(scheduler_output)
+        else:
+            runner_output = ModelRunnerOutput()
+        outputs.extend(self.scheduler.update_from_output(scheduler_output, runner_output))
+        return EngineCoreOutputs(
+            engine_index=self.engine_index,
+            outputs=outputs,
+            scheduler_stats=self.scheduler.get_stats(),
+            timestamp=time.time(),
+        )
+
+    def get_stats(self) -> SchedulerStats:
+        """Queue lengths and KV usage now, with the last step's figures."""
+        return self.scheduler.get_stats()

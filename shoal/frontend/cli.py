@@ -1,0 +1,287 @@
+"""`shoal generate` and `shoal chat`: offline generation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+import msgspec
+
+from shoal.config import DEVICES, DTYPES, LOAD_FORMATS, CacheConfig, ModelConfig, SchedulerConfig
+from shoal.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from shoal.frontend.llm import LLM
+
+EXIT_COMMANDS = ("/exit", "/quit")
+CHAT_MAX_TOKENS = 512
+
+
+def _default(cls: type, name: str) -> Any:
+    """A config dataclass's (or msgspec struct's) field default, so CLI defaults never drift
+    from the config."""
+    fields: Any = (
+        dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else msgspec.structs.fields(cls)
+    )
+    return next(f.default for f in fields if f.name == name)
+
+
+def register(subparsers: Any) -> None:
+    """Add `generate` and `chat` to the `shoal` command's subparsers."""
+    gen = subparsers.add_parser(
+        "generate",
+        help="complete one prompt offline and print the completion",
+        description="Load a model in this process, complete PROMPT and print the completion.",
+    )
+    gen.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message through the chat template",
+    )
+    _add_engine_args(gen)
+    _add_sampling_args(gen, max_tokens=_default(SamplingParams, "max_tokens"))
+    gen.add_argument(
+        "--n",
+        type=int,
+        default=_default(SamplingParams, "n"),
+        help="completions to generate (default: %(default)s)",
+    )
+    gen.set_defaults(func=run_generate)
+
+    chat = subparsers.add_parser(
+        "chat",
+        help="chat with a model in the terminal (reads stdin line by line)",
+        description="An interactive conversation: each stdin line is a user message; the "
+        "reply is streamed to stdout. /exit or end of input quits.",
+    )
+    chat.add_argument("--system", default=None, help="a system message to start with")
+    _add_engine_args(chat)
+    _add_sampling_args(chat, max_tokens=CHAT_MAX_TOKENS)
+    chat.set_defaults(func=run_chat)
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a Hugging Face directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    g.add_argument("--tokenizer", default=None, help="tokenizer source when it differs")
+    g.add_argument(
+        "--dtype",
+        default=_default(ModelConfig, "dtype"),
+        choices=DTYPES,
+        help="(default: %(default)s)",
+    )
+    g.add_argument(
+        "--load-format",
+        default=_default(ModelConfig, "load_format"),
+        choices=LOAD_FORMATS,
+        help="dummy = random weights (default: %(default)s)",
+    )
+    g.add_argument(
+        "--device",
+        default=_default(ModelConfig, "device"),
+        choices=DEVICES,
+        help="(default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's own)"
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=_default(SchedulerConfig, "max_num_seqs"),
+        help="(default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=_default(SchedulerConfig, "max_num_batched_tokens"),
+        help="token budget of one step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=_default(CacheConfig, "block_size"),
+        help="(default: %(default)s)",
+    )
+    g.add_argument("--num-blocks", type=int, default=None, help="exact number of KV blocks")
+    g.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=_default(CacheConfig, "kv_cache_memory_bytes"),
+        help="(default: %(default)s)",
+    )
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help="tokens to generate at most (default: %(default)s)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=_default(SamplingParams, "temperature"),
+        help="0 = greedy (default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=_default(SamplingParams, "top_p"),
+        help="(default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=_default(SamplingParams, "top_k"),
+        help="0 or -1 = off (default: %(default)s)",
+    )
+    g.add_argument(
+        "--min-p",
+        type=float,
+        default=_default(SamplingParams, "min_p"),
+        help="(default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for sampling (and dummy weights); unseeded by default",
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="STRING",
+        help="stop at this string (repeatable)",
+    )
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past EOS")
+
+
+def _sampling_params(args: argparse.Namespace, **extra: Any) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            stop=args.stop or [],
+            ignore_eos=args.ignore_eos,
+            **extra,
+        )
+    except ValueError as e:  # name the flag, not the field
+        field, _, message = str(e).partition(": ")
+        raise ValueError(f"--{field.replace('_', '-')}: {message}") from e
+
+
+def _load_llm(args: argparse.Namespace) -> LLM:
+    """Build the LLM, telling stderr what is loading and how long it took."""
+    from shoal.frontend.llm import LLM
+
+    name = args.model or "the default model (SmolLM2-135M-Instruct)"
+    print(f"Loading {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    llm = LLM(
+        args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        seed=args.seed if args.seed is not None else _default(ModelConfig, "seed"),
+    )
+    print(
+        f"Loaded in {time.perf_counter() - start:.1f}s (max_model_len={llm.max_model_len})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return llm
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`shoal generate`: print each completion of the prompt (separated by a blank line)."""
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = _sampling_params(args, n=args.n)
+    llm = _load_llm(args)
+    if args.chat:
+        (result,) = llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)
+    else:
+        (result,) = llm.generate(prompt, params, use_tqdm=False)
+    print("\n\n".join(o.text for o in result.outputs), flush=True)
+    return 0
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
+    """`shoal chat`: a REPL keeping the whole conversation; each reply streams to stdout."""
+    stdin = stdin or sys.stdin
+    params = _sampling_params(args)
+    llm = _load_llm(args)
+    interactive = stdin.isatty()
+    conversation: list[dict[str, str]] = []
+    if args.system:
+        conversation.append({"role": "system", "content": args.system})
+    if interactive:
+        print("Type a message; /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() in EXIT_COMMANDS:
+            return 0
+        if not line.strip():
+            continue
+        conversation.append({"role": "user", "content": line.rstrip("\n")})
+        reply = _stream_reply(llm, conversation, params)
+        if reply is None:
+            conversation.pop()  # did not fit: forget the turn, keep the conversation
+        else:
+            conversation.append({"role": "assistant", "content": reply})
+
+
+def _stream_reply(
+    llm: LLM, conversation: list[dict[str, str]], params: SamplingParams
+) -> str | None:
+    """Stream the assistant's reply to stdout; None (and a message on stderr) if the
+    conversation no longer fits the context. The reply is cut to the context left."""
+    tokenizer = llm.get_tokenizer()
+    prompt_ids = tokenizer.encode(
+        tokenizer.apply_chat_template(conversation), add_special_tokens=False
+    )
+    room = llm.max_model_len - len(prompt_ids)
+    if room < 1:
+        print(
+            f"error: the conversation ({len(prompt_ids)} tokens) no longer fits the context "
+            f"({llm.max_model_len} tokens); the message was dropped",
+            file=sys.stderr,
+        )
+        return None
+    if params.max_tokens is None or params.max_tokens > room:
+        params = msgspec.structs.replace(params, max_tokens=room)
+    pieces = []
+    try:
+        for output in llm.stream(prompt_ids, params):
+            piece = output.outputs[0].text if output.outputs else ""
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return None
+    print(flush=True)
+    return "".join(pieces)

@@ -1,0 +1,247 @@
+"""Build a `LlamaForCausalLM` and fill its weights: HF safetensors, GGUF, or dummy random."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from shoal.config import ModelConfig
+from shoal.logger import init_logger
+from shoal.model.arch import ArchConfig
+from shoal.model.llama import LlamaForCausalLM, rope_inv_freq
+from shoal.model_source import ModelSource
+
+logger = init_logger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.").
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`--device`: "auto" = cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`--dtype`: "auto" = float32 on CPU, bfloat16 on CUDA; float16 only on CUDA."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype == "float16" and device.type == "cpu":
+        raise ValueError("--dtype: float16 is supported on CUDA only; use bfloat16 or float32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype: unknown dtype {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    config: ModelConfig,
+    source: ModelSource,
+    arch: ArchConfig,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> LlamaForCausalLM:
+    """The model with weights from `source` per `config.load_format` ("auto" follows the
+    source's format; "dummy" = random weights drawn from `config.seed`). Shows progress on
+    stderr and logs the duration. `ValueError` on a format mismatch or missing weights."""
+    start = time.perf_counter()
+    load_format = config.load_format
+    if load_format == "auto":
+        load_format = "gguf" if source.is_gguf else "safetensors"
+    if load_format == "gguf" and not source.is_gguf:
+        raise ValueError(f"--load-format gguf: {source.path!r} is not a .gguf file")
+    if load_format == "safetensors" and source.is_gguf:
+        raise ValueError(f"--load-format safetensors: {source.path!r} is a .gguf file")
+    with torch.device(device):
+        model = LlamaForCausalLM(arch, max_positions, dtype, device)
+    if load_format == "dummy":
+        _fill_dummy(model, config.seed)
+    elif load_format == "gguf":
+        _load_named(model, arch, _gguf_weights(source.path, arch, model))
+    else:
+        _load_named(model, arch, _safetensors_weights(source.path))
+    model.eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "loaded %s (%s weights, %.1fM parameters, %s on %s) in %.2f s",
+        source.name, load_format, num_params / 1e6, str(dtype).removeprefix("torch."),
+        device, time.perf_counter() - start,
+    )  # fmt: skip
+    return model
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
+
+
+def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"--model: {path!r} has no *.safetensors file (try --load-format dummy)")
+    handles = [safe_open(f, framework="pt") for f in files]
+    names = [(h, name) for h in handles for name in h.keys()]  # noqa: SIM118 (not a dict)
+    with _progress(len(names), "Loading safetensors") as bar:
+        for handle, name in names:
+            yield name, handle.get_tensor(name)
+            bar.update()
+
+
+def _gguf_weights(
+    path: str, arch: ArchConfig, model: LlamaForCausalLM
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantised GGUF tensors under Hugging Face names (q/k rows un-permuted)."""
+    from shoal.model.gguf_dequant import dequantize
+    from shoal.model.gguf_file import GGUFFile
+
+    gguf = GGUFFile(path)
+    with _progress(len(gguf.tensors), "Loading GGUF") as bar:
+        for name, info in gguf.tensors.items():
+            tensor = dequantize(gguf.raw(name), info.qtype, info.shape)
+            bar.update()
+            if name == "rope_freqs.weight":
+                # llama3-style scaling in GGUF: per-frequency divisors instead of metadata.
+                inv_freq = rope_inv_freq(arch) / tensor
+                model.rotary.set_inv_freq(inv_freq.to(model.rotary.cos_table.device))
+                continue
+            if ".attn_q." in name:
+                tensor = _unpermute_rope_rows(tensor, arch.num_heads)
+            elif ".attn_k." in name:
+                tensor = _unpermute_rope_rows(tensor, arch.num_kv_heads)
+            yield _hf_name_of_gguf(name), tensor
+
+
+def _hf_name_of_gguf(name: str) -> str:
+    base, _, suffix = name.rpartition(".")  # suffix: weight / bias
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and m.group(2) in _GGUF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{suffix}"
+    if base in _GGUF_GLOBAL_NAMES:
+        return f"{_GGUF_GLOBAL_NAMES[base]}.{suffix}"
+    raise ValueError(f"GGUF tensor {name!r} has no counterpart in the Llama model")
+
+
+def _unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's converter, which reorders each head's q/k rows from rotate-half
+    (pairs (i, i + d/2)) to interleaved (pairs (2i, 2i + 1)) for its rope kernel:
+    rows viewed [heads, d/2, 2] are transposed back to [heads, 2, d/2]."""
+    half = weight.shape[0] // num_heads // 2
+    rows = weight.reshape(num_heads, half, 2, *weight.shape[1:])
+    return rows.transpose(1, 2).reshape(weight.shape)
+
+
+def _load_named(
+    model: LlamaForCausalLM, arch: ArchConfig, weights: Iterator[tuple[str, torch.Tensor]]
+) -> None:
+    """Copy Hugging Face-named tensors into the (fused) parameters; every row of every
+    parameter must be written exactly once."""
+    rows_loaded = {id(p): 0 for p in model.parameters()}
+    for name, tensor in weights:
+        target = _target(model, arch, name)
+        if target is None:
+            continue
+        param, offset, num_rows = target
+        rows = param.data[offset : offset + num_rows]
+        if rows.shape != tensor.shape:
+            raise ValueError(
+                f"weight {name!r}: shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}"
+            )
+        rows.copy_(tensor)
+        rows_loaded[id(param)] += tensor.shape[0]
+    missing = [n for n, p in model.named_parameters() if rows_loaded[id(p)] != p.shape[0]]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for {', '.join(missing[:8])}")
+
+
+# Hugging Face projection -> (our fused Linear, its shard index, shard sizes in rows).
+_FUSED_ROWS: dict[str, tuple[str, int, Callable[[ArchConfig], list[int]]]] = {
+    "self_attn.q_proj": ("qkv_proj", 0, lambda a: _qkv_rows(a)),
+    "self_attn.k_proj": ("qkv_proj", 1, lambda a: _qkv_rows(a)),
+    "self_attn.v_proj": ("qkv_proj", 2, lambda a: _qkv_rows(a)),
+    "self_attn.o_proj": ("o_proj", 0, lambda a: [a.hidden_size]),
+    "mlp.gate_proj": ("gate_up_proj", 0, lambda a: [a.intermediate_size] * 2),
+    "mlp.up_proj": ("gate_up_proj", 1, lambda a: [a.intermediate_size] * 2),
+    "mlp.down_proj": ("down_proj", 0, lambda a: [a.hidden_size]),
+}
+
+
+def _qkv_rows(arch: ArchConfig) -> list[int]:
+    kv = arch.num_kv_heads * arch.head_dim
+    return [arch.num_heads * arch.head_dim, kv, kv]
+
+
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def _target(
+    model: LlamaForCausalLM, arch: ArchConfig, name: str
+) -> tuple[torch.Tensor, int, int] | None:
+    """(parameter, first row, number of rows) a Hugging Face tensor goes to; None for
+    tensors to skip."""
+    key = name.removeprefix("model.")
+    if key == "embed_tokens.weight":
+        return _whole(model.embed_tokens)
+    if key == "norm.weight":
+        return _whole(model.norm.weight)
+    if key == "lm_head.weight":  # also present in some tied checkpoints: ignored then
+        return None if model.lm_head is None else _whole(model.lm_head.weight)
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias|inv_freq)", key)
+    if m and int(m.group(1)) < arch.num_layers:
+        layer, module, kind = model.layers[int(m.group(1))], m.group(2), m.group(3)
+        if module.endswith("rotary_emb"):
+            return None
+        if module in _NORMS and kind == "weight":
+            return _whole(getattr(layer, module).weight)
+        if module in _FUSED_ROWS:
+            linear_name, shard, sizes = _FUSED_ROWS[module]
+            param = getattr(getattr(layer, linear_name), kind, None)
+            if param is not None:
+                rows = sizes(arch)
+                return param, sum(rows[:shard]), rows[shard]
+    raise ValueError(f"checkpoint tensor {name!r} has no counterpart in the model")
+
+
+def _whole(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    return param, 0, param.shape[0]
+
+
+def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    """Norm weights 1, everything else N(0, 0.02), drawn on the CPU from `seed` so the values
+    do not depend on the device or dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    params = list(model.named_parameters())
+    with _progress(len(params), "Random weights") as bar:
+        for name, param in params:
+            if "norm" in name:
+                param.data.fill_(1.0)
+            else:
+                param.data.copy_(torch.empty(param.shape).normal_(0.0, 0.02, generator=generator))
+            bar.update()

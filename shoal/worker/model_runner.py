@@ -1,0 +1,245 @@
+"""`ModelRunner`: the model, its paged KV cache, persistent input buffers and sampling."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from shoal.config import ShoalConfig
+from shoal.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from shoal.logger import init_logger
+from shoal.model.arch import ArchConfig, arch_from_source
+from shoal.model.attention import AttentionMetadata, build_attention_metadata
+from shoal.model.loader import load_model, resolve_device, resolve_dtype
+from shoal.model_source import resolve_model
+from shoal.worker.buffers import CpuGpuBuffer, copy_slice
+from shoal.worker.input_batch import (
+    RequestState,
+    RequestTable,
+    StepBatch,
+    fill_token_inputs,
+    order_batch,
+)
+from shoal.worker.sampler import SamplingBatch, TokenLogprobs, sample
+
+logger = init_logger(__name__)
+
+
+class ModelRunner:
+    """Runs one `SchedulerOutput` per step: one forward over every scheduled token, then one
+    sampled token per request whose step reaches its last known token.
+
+    Public after construction: `max_model_len`, `vocab_size`, `arch`, `device`, `dtype`.
+    Call `initialize_kv_cache(num_blocks)` once before the first `execute_model`.
+    """
+
+    def __init__(self, config: ShoalConfig) -> None:
+        """Load the model on `config.model.device` ("auto" = cuda if available, else cpu).
+        `ValueError` if `--max-model-len` exceeds the model's context length."""
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        if self.device.type == "cpu":
+            _set_cpu_threads(config.parallel.data_parallel_size)
+        source = resolve_model(config.model.model)
+        self.arch: ArchConfig = arch_from_source(source)
+        self.max_model_len = _max_model_len(config.model.max_model_len, self.arch)
+        self.vocab_size = self.arch.vocab_size
+        self.block_size = config.cache.block_size
+        self.model = load_model(
+            config.model, source, self.arch, self.max_model_len, self.dtype, self.device
+        )
+        self.kv_caches: list[torch.Tensor] = []
+        max_blocks_per_req = -(-self.max_model_len // self.block_size)
+        self.requests = RequestTable(config.scheduler.max_num_seqs, max_blocks_per_req)
+        self._allocate_buffers(
+            config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs
+        )
+        self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
+
+    # -- KV cache ------------------------------------------------------------------------------
+
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes of one block across all layers (keys and values)."""
+        a = self.arch
+        per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def num_blocks_for_memory(self, memory_bytes: int) -> int:
+        """How many KV blocks `memory_bytes` holds (0 if not even one)."""
+        return memory_bytes // self.kv_cache_bytes_per_block()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the cache: per layer a view [2, num_blocks, block_size, num_kv_heads,
+        head_dim] of one zeroed tensor (zeros: never-written slots must not hold NaN, since
+        masked keys still meet the values in attention's matmul)."""
+        a = self.arch
+        shape = (a.num_layers, 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+        logger.info(
+            "KV cache: %d blocks of %d tokens, %.1f MiB",
+            num_blocks, self.block_size, self.kv_cache.nbytes / 2**20,
+        )  # fmt: skip
+
+    # -- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Compute the scheduled tokens and sample where a request reaches its last token.
+
+        Returns requests in batch order (decodes first); `sampled_token_ids[i]` is `[token]`
+        or `[]` (a prefill chunk short of the prompt's end); `logprobs[i]` is `[entry]` when
+        the request asked for logprobs and was sampled, else None."""
+        if not self.kv_caches:
+            raise RuntimeError("initialize_kv_cache() must run before execute_model()")
+        self._update_states(scheduler_output)
+        output = ModelRunnerOutput()
+        if not scheduler_output.num_scheduled_tokens:
+            return output
+        batch = order_batch(self.requests, scheduler_output.num_scheduled_tokens)
+        input_ids, positions, meta, logits_indices = self._prepare_inputs(batch)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        sampled = [
+            s for s, is_sampled in zip(batch.states, batch.is_sampled, strict=True) if is_sampled
+        ]
+        token_ids: list[int] = []
+        entries: list[TokenLogprobs | None] = []
+        if sampled:
+            logits = self.model.compute_logits(hidden[logits_indices])
+            # .tolist() inside waits for the device, so the host buffers are free again.
+            token_ids, entries = sample(logits, _sampling_batch(sampled), self.generator)
+        elif self.device.type == "cuda":
+            # Nothing read back: wait here so the next step may overwrite the pinned
+            # buffers this step's non-blocking copies read from.
+            torch.cuda.current_stream().synchronize()
+        results = dict(
+            zip((s.req_id for s in sampled), zip(token_ids, entries, strict=True), strict=True)
+        )
+        for state, n in zip(batch.states, batch.query_lens, strict=True):
+            state.num_computed_tokens += int(n)
+            output.req_ids.append(state.req_id)
+            token, entry = results.get(state.req_id, (None, None))
+            if token is None:
+                output.sampled_token_ids.append([])
+                output.logprobs.append(None)
+                continue
+            state.token_ids.append(token)
+            output.sampled_token_ids.append([token])
+            output.logprobs.append(None if entry is None else [entry])
+        return output
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        # Drop first: a preempted request can come back in this very step as a new one.
+        for req_id in so.finished_req_ids | so.preempted_req_ids:
+            self.requests.remove(req_id)
+        for new in so.scheduled_new_reqs:
+            self.requests.remove(new.req_id)
+            self.requests.add(new, self._generator_for(new))
+        self.requests.update_cached(so)
+
+    def _generator_for(self, new: NewRequestData) -> torch.Generator | None:
+        """A seeded request's own generator, advanced past the draws of the outputs it
+        already has (a resumed request continues its random stream where it stopped)."""
+        params = new.sampling_params
+        if params.seed is None or params.is_greedy:
+            return None
+        generator = torch.Generator(self.device).manual_seed(params.seed)
+        scratch = torch.empty(self.vocab_size, dtype=torch.float32, device=self.device)
+        for _ in new.output_token_ids:
+            scratch.exponential_(generator=generator)
+        return generator
+
+    def _prepare_inputs(
+        self, batch: StepBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        num_tokens, num_reqs = batch.num_tokens, len(batch.states)
+        self._ensure_capacity(num_tokens, num_reqs)
+        fill_token_inputs(
+            batch, self.requests, self.block_size,
+            self.input_ids.np, self.positions.np, self.slot_mapping.np,
+        )  # fmt: skip
+        seq_lens = batch.seq_lens
+        self.seq_lens.np[:num_reqs] = seq_lens
+        num_cols = -(-int(seq_lens.max()) // self.block_size)
+        rows = [s.row for s in batch.states]
+        self.block_tables.np[:num_reqs, :num_cols] = self.requests.block_table[rows, :num_cols]
+        logits_indices = batch.query_start_loc[1:][batch.is_sampled] - 1
+        self.logits_indices.np[: len(logits_indices)] = logits_indices
+        block_tables = self.block_tables.gpu[:num_reqs, :num_cols]
+        block_tables.copy_(self.block_tables.cpu[:num_reqs, :num_cols], non_blocking=True)
+        meta = build_attention_metadata(
+            self.slot_mapping.copy_to_gpu(num_tokens),
+            batch.query_lens,
+            batch.num_context,
+            block_tables,
+            self.seq_lens.copy_to_gpu(num_reqs),
+            self.block_size,
+            self.arch.sliding_window,
+        )
+        return (
+            copy_slice(self.input_ids.cpu, self.input_ids.gpu, num_tokens),
+            copy_slice(self.positions.cpu, self.positions.gpu, num_tokens),
+            meta,
+            self.logits_indices.copy_to_gpu(len(logits_indices)),
+        )
+
+    def _allocate_buffers(self, max_num_tokens: int, max_num_reqs: int) -> None:
+        """Persistent host/device inputs, reused every step (no per-step allocation)."""
+        self.max_num_tokens, self.max_num_reqs = max_num_tokens, max_num_reqs
+        self.input_ids = self._int64_buffer(max_num_tokens)
+        self.positions = self._int64_buffer(max_num_tokens)
+        self.slot_mapping = self._int64_buffer(max_num_tokens)
+        self.seq_lens = self._int64_buffer(max_num_reqs)
+        self.logits_indices = self._int64_buffer(max_num_reqs)
+        self.block_tables = self._int64_buffer(max_num_reqs, self.requests.block_table.shape[1])
+
+    def _int64_buffer(self, *size: int) -> CpuGpuBuffer:
+        return CpuGpuBuffer(*size, dtype=torch.int64, device=self.device)
+
+    def _ensure_capacity(self, num_tokens: int, num_reqs: int) -> None:
+        if num_tokens > self.max_num_tokens or num_reqs > self.max_num_reqs:
+            logger.warning(
+                "step of %d tokens / %d requests: growing input buffers", num_tokens, num_reqs
+            )
+            self._allocate_buffers(
+                max(num_tokens, self.max_num_tokens), max(num_reqs, self.max_num_reqs)
+            )
+
+
+def _sampling_batch(states: list[RequestState]) -> SamplingBatch:
+    params = [s.params for s in states]
+    banned = [(row, tok) for row, s in enumerate(states) for tok in s.banned_token_ids()]
+    return SamplingBatch(
+        temperature=[p.temperature for p in params],
+        top_k=[p.top_k for p in params],
+        top_p=[p.top_p for p in params],
+        min_p=[p.min_p for p in params],
+        generators=[s.generator for s in states],
+        num_logprobs=[p.logprobs for p in params],
+        banned=banned,
+    )
+
+
+def _max_model_len(requested: int | None, arch: ArchConfig) -> int:
+    if requested is None:
+        return arch.max_position_embeddings
+    if requested > arch.max_position_embeddings:
+        raise ValueError(
+            f"--max-model-len: {requested} exceeds the model's context length "
+            f"({arch.max_position_embeddings})"
+        )
+    return requested
+
+
+def _set_cpu_threads(data_parallel_size: int) -> None:
+    """Torch threads: the cores this process may use, less one left to the API-server
+    processes, shared among the data-parallel engines; at least one. An explicit
+    OMP_NUM_THREADS wins. (On 2 shared cores one thread beat two: spare cores, not threads,
+    are what a busy API server needs.)"""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = max(1, (cores or 1) - 1)
+    torch.set_num_threads(max(1, usable // max(1, data_parallel_size)))

@@ -1,0 +1,157 @@
+"""ModelRunner end to end on tiny checkpoints: greedy identity with transformers, logprobs,
+seeds independent of batching and preemption, min_tokens, and its configuration errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shoal.config import CacheConfig, ModelConfig, SchedulerConfig, ShoalConfig
+from shoal.core.scheduler_output import SchedulerOutput
+from shoal.worker.model_runner import ModelRunner
+from tests.model.tiny_hf import VOCAB, make_hf_model, save_hf_model
+from tests.worker.runner_driver import RunnerDriver
+
+BLOCK_SIZE = 4
+PROMPTS = {
+    "a": [5, 17, 301, 44, 9, 120, 77, 3, 250, 61, 18],
+    "b": [400, 2, 33],
+    "c": [7],
+    "d": [99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89, 88, 87, 86, 85, 84, 83],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    hf = make_hf_model("llama", seed=5)
+    return hf, save_hf_model(hf, str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def make_runner(path: str, num_blocks: int = 128, **model_kw) -> ModelRunner:
+    config = ShoalConfig(
+        model=ModelConfig(model=path, **model_kw),
+        cache=CacheConfig(block_size=BLOCK_SIZE),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
+    )
+    runner = ModelRunner(config)
+    runner.initialize_kv_cache(num_blocks)
+    return runner
+
+
+def test_greedy_matches_transformers_generate_under_chunking(checkpoint) -> None:
+    hf, path = checkpoint
+    driver = RunnerDriver(make_runner(path), num_blocks=128, chunk=5)
+    for req_id in "abc":
+        driver.add(req_id, PROMPTS[req_id], temperature=0.0, max_tokens=8, logprobs=3)
+    driver.step()
+    driver.step()
+    driver.add("d", PROMPTS["d"], temperature=0.0, max_tokens=8)  # joins mid-flight
+    done = driver.run()
+    # Finished requests are dropped when the next step tells the runner.
+    assert set(driver.runner.requests.states) == set(driver.pending_drops)
+    driver.runner.execute_model(SchedulerOutput(finished_req_ids=driver.pending_drops))
+    assert not driver.runner.requests.states
+    for req_id, prompt in PROMPTS.items():
+        expected = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, attention_mask=None
+        )[0, len(prompt) :].tolist()
+        assert done[req_id].outputs == expected, req_id
+    # Logprobs: the raw distribution at each generated position.
+    req = done["a"]
+    with torch.no_grad():
+        raw = hf(torch.tensor([req.prompt + req.outputs])).logits[0].log_softmax(-1)
+    for step, (entry,) in enumerate(req.logprobs):
+        dist = raw[len(req.prompt) - 1 + step]
+        token, logprob, rank, top_ids, top_values = entry
+        assert token == req.outputs[step] and rank == 1
+        assert abs(logprob - dist[token].item()) < 1e-4
+        assert top_ids == dist.topk(3).indices.tolist()
+        torch.testing.assert_close(torch.tensor(top_values), dist.topk(3).values, atol=1e-4, rtol=0)
+
+
+def _seeded_tokens(
+    path: str, *, others: bool, chunk: int, preempt_at: int | None = None
+) -> list[int]:
+    driver = RunnerDriver(make_runner(path), num_blocks=128, chunk=chunk)
+    if others:
+        driver.add("x", PROMPTS["d"], temperature=1.0, max_tokens=12)
+        driver.add("y", PROMPTS["b"], temperature=0.7, top_k=20, seed=9, max_tokens=12)
+    driver.add("s", PROMPTS["a"], temperature=0.9, top_p=0.95, seed=42, max_tokens=10)
+    steps = 0
+    while "s" in driver.running:
+        driver.step()
+        steps += 1
+        if steps == preempt_at:
+            driver.preempt("s")
+    return driver.done["s"].outputs
+
+
+def test_seeded_request_reproducible_across_batches_and_preemption(checkpoint) -> None:
+    _, path = checkpoint
+    alone = _seeded_tokens(path, others=False, chunk=64)
+    assert len(set(alone)) > 1
+    assert _seeded_tokens(path, others=True, chunk=3) == alone
+    assert _seeded_tokens(path, others=True, chunk=5, preempt_at=6) == alone
+
+
+def test_min_tokens_masks_eos(checkpoint) -> None:
+    _, path = checkpoint
+    driver = RunnerDriver(make_runner(path), num_blocks=64, chunk=16)
+    driver.add("g", PROMPTS["b"], temperature=0.0, max_tokens=4)
+    greedy = driver.run()["g"].outputs
+    eos = greedy[0]  # the token greedy would emit first
+    driver = RunnerDriver(make_runner(path), num_blocks=64, chunk=16)
+    driver.add("m", PROMPTS["b"], eos_token_id=eos, temperature=0.0, max_tokens=4, min_tokens=2)
+    outputs = driver.run()["m"].outputs
+    assert eos not in outputs[:2] and outputs[0] != greedy[0]
+
+
+def test_dummy_bfloat16_runner(tmp_path) -> None:
+    config = {
+        "architectures": ["Qwen2ForCausalLM"], "vocab_size": VOCAB, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": True,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runner = make_runner(str(tmp_path), load_format="dummy", dtype="bfloat16")
+    assert runner.dtype == torch.bfloat16 and runner.device == torch.device("cpu")
+    assert runner.max_model_len == 64 and runner.vocab_size == VOCAB
+    assert runner.arch.architecture == "Qwen2ForCausalLM"
+    driver = RunnerDriver(runner, num_blocks=128, chunk=4)
+    driver.add("a", PROMPTS["a"], temperature=0.8, top_k=5, max_tokens=6, logprobs=2)
+    outputs = driver.run()["a"].outputs
+    assert len(outputs) == 6 and all(0 <= t < VOCAB for t in outputs)
+
+
+def test_sizes_and_configuration_errors(checkpoint) -> None:
+    _, path = checkpoint
+    runner = make_runner(path, num_blocks=8)
+    # 2 (K, V) x 2 layers x 2 kv heads x 16 head_dim x 4 bytes x 4 tokens per block
+    assert runner.num_blocks_for_memory(10 * 2048 + 5) == 10
+    assert runner.kv_caches[0].shape == (2, 8, BLOCK_SIZE, 2, 16)
+    with pytest.raises(ValueError, match="--max-model-len"):
+        make_runner(path, max_model_len=10_000)
+    assert make_runner(path, max_model_len=100).max_model_len == 100
+
+
+def test_buffers_and_rows_grow_past_configured_limits(checkpoint) -> None:
+    _, path = checkpoint
+
+    def greedy(max_tokens_per_step: int, max_seqs: int) -> dict[str, list[int]]:
+        config = ShoalConfig(
+            model=ModelConfig(model=path),
+            cache=CacheConfig(block_size=BLOCK_SIZE),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_tokens_per_step, max_num_seqs=max_seqs
+            ),
+        )
+        runner = ModelRunner(config)
+        runner.initialize_kv_cache(128)
+        driver = RunnerDriver(runner, num_blocks=128, chunk=16)
+        for req_id, prompt in PROMPTS.items():
+            driver.add(req_id, prompt, temperature=0.0, max_tokens=3)
+        return {r: req.outputs for r, req in driver.run().items()}
+
+    assert greedy(4, 1) == greedy(256, 8)
