@@ -125,6 +125,7 @@ def decoder(type_: type) -> msgspec.msgpack.Decoder:
 #   Engine -> API server: encode(EngineCoreOutputs) on PUSH[client_index], or ENGINE_CORE_DEAD.
 #   DP coordinator (M > 1): engines PUSH EngineLoad to it; it PUBlishes DPStats on
 #   stats_update_address; API servers SUBscribe.
+#   (DPStats goes as one frame, encode(DPStats), no topic frame: subscribe to b"".)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -163,3 +164,11 @@ class DPStats(msgspec.Struct, array_like=True, gc=False):
 
     loads: list[tuple[int, int]]
     timestamp: float = 0.0
+
+
+class EngineAddresses(msgspec.Struct, array_like=True, gc=False):
+    """Launcher -> engine, over the engine's handshake pipe once the API servers have bound:
+    where to connect (indexed by client_index). The engine answers with `EngineReady`."""
+
+    input_addresses: list[str]
+    output_addresses: list[str]

@@ -1,0 +1,257 @@
+"""The `shoal serve` argument parser and its mapping to `ShoalConfig` (torch-free, fast).
+
+The parsed `argparse.Namespace` is also what every API-server process receives (it is pickled
+once at spawn), so it carries plain values only. Attributes API servers read:
+`model` (None = the embedded default model), `tokenizer`, `served_model_name`, `api_key`,
+`max_model_len`, `host`, `port`, `api_server_count`, `data_parallel_size`,
+`shutdown_timeout`, `uvicorn_log_level`, `max_num_queued_requests`, `max_request_body_bytes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from shoal.config import (
+    DEVICES,
+    DTYPES,
+    LOAD_FORMATS,
+    CacheConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    ShoalConfig,
+)
+
+# Seconds SIGINT / SIGTERM give in-flight requests to finish before they are aborted.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass field `name`, so CLI defaults never drift from the config."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every `shoal serve` flag to `parser` and return it."""
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=_default(ModelConfig, "model"),
+        metavar="MODEL",
+        help="a Hugging Face model directory or a .gguf file (default: the embedded "
+        "SmolLM2-135M-Instruct)",
+    )
+    _add_server_args(parser.add_argument_group("server"))
+    _add_model_args(parser.add_argument_group("model"))
+    _add_engine_args(parser.add_argument_group("engine"))
+    return parser
+
+
+def _add_server_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    g.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="TCP port to listen on; 0 = any free port, printed once ready (default: %(default)s)",
+    )
+    g.add_argument(
+        "--api-server-count",
+        type=int,
+        default=_default(ParallelConfig, "api_server_count"),
+        help="API-server processes sharing the listening socket (default: %(default)s)",
+    )
+    g.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=_default(ParallelConfig, "data_parallel_size"),
+        help="engine-core processes, each a full model replica (default: %(default)s)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        help="seconds SIGINT/SIGTERM let in-flight requests finish before they are "
+        "aborted; 0 = abort at once (default: %(default)s)",
+    )
+    g.add_argument(
+        "--engine-ready-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for every engine to load its model and report READY "
+        "(default: $SHOAL_ENGINE_READY_TIMEOUT_S or 600)",
+    )
+    g.add_argument(
+        "--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1 routes"
+    )
+    g.add_argument(
+        "--max-num-queued-requests",
+        type=int,
+        default=None,
+        help="refuse new /v1 generation requests with 503 + Retry-After once this many are "
+        "in flight over all API servers (default: no limit)",
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=4 << 20,
+        help="largest request body accepted; larger gets 413 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--uvicorn-log-level",
+        default="warning",
+        choices=UVICORN_LOG_LEVELS,
+        help="uvicorn's own log level (default: %(default)s)",
+    )
+
+
+def _add_model_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--served-model-name",
+        default=_default(ModelConfig, "served_model_name"),
+        help="the name clients put in `model` (default: derived from MODEL)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default=_default(ModelConfig, "tokenizer"),
+        help="tokenizer source when it differs from MODEL",
+    )
+    g.add_argument(
+        "--dtype",
+        default=_default(ModelConfig, "dtype"),
+        choices=DTYPES,
+        help="weight and activation dtype (default: %(default)s)",
+    )
+    g.add_argument(
+        "--load-format",
+        default=_default(ModelConfig, "load_format"),
+        choices=LOAD_FORMATS,
+        help="how to load weights; dummy = random weights (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=_default(ModelConfig, "max_model_len"),
+        help="context length (default: the model's own)",
+    )
+    g.add_argument(
+        "--device",
+        default=_default(ModelConfig, "device"),
+        choices=DEVICES,
+        help="device the model runs on (default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=_default(ModelConfig, "seed"),
+        help="random seed of dummy weights and unseeded sampling (default: %(default)s)",
+    )
+
+
+def _add_engine_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=_default(SchedulerConfig, "max_num_seqs"),
+        help="cap on running sequences per engine (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=_default(SchedulerConfig, "max_num_batched_tokens"),
+        help="token budget of one engine step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=_default(CacheConfig, "block_size"),
+        help="tokens per KV-cache block (default: %(default)s)",
+    )
+    g.add_argument(
+        "--num-blocks",
+        type=int,
+        default=_default(CacheConfig, "num_blocks"),
+        help="exact number of KV blocks (overrides --kv-cache-memory-bytes)",
+    )
+    g.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=_default(CacheConfig, "kv_cache_memory_bytes"),
+        help="memory given to each engine's KV cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=_default(CacheConfig, "enable_prefix_caching"),
+        help="turn prefix caching off",
+    )
+
+
+def make_serve_parser(prog: str = "shoal serve") -> argparse.ArgumentParser:
+    """A standalone `shoal serve` parser (the CLI adds the same flags to its subparser)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Start the OpenAI-compatible server.")
+    return add_serve_args(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> ShoalConfig:
+    """Build the validated config; `ValueError` names the offending flag."""
+    _check_server_args(args)
+    return ShoalConfig(
+        model=ModelConfig(
+            model=args.model,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            load_format=args.load_format,
+            max_model_len=args.max_model_len,
+            device=args.device,
+            seed=args.seed,
+            served_model_name=args.served_model_name,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            num_blocks=args.num_blocks,
+            enable_prefix_caching=args.enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+        ),
+        parallel=ParallelConfig(
+            data_parallel_size=args.data_parallel_size,
+            api_server_count=args.api_server_count,
+        ),
+    )
+
+
+def _check_server_args(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port: must be in [0, 65535], got {args.port}")
+    if args.api_server_count < 1:
+        raise ValueError(
+            "--api-server-count: must be at least 1 (headless engines are not "
+            f"supported by `shoal serve`), got {args.api_server_count}"
+        )
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout: must be non-negative, got {args.shutdown_timeout}")
+    if args.engine_ready_timeout is not None and args.engine_ready_timeout <= 0:
+        raise ValueError(
+            f"--engine-ready-timeout: must be positive, got {args.engine_ready_timeout}"
+        )
+    if args.max_request_body_bytes < 1:
+        raise ValueError(
+            f"--max-request-body-bytes: must be at least 1, got {args.max_request_body_bytes}"
+        )
+    if args.max_num_queued_requests is not None and args.max_num_queued_requests < 1:
+        raise ValueError(
+            f"--max-num-queued-requests: must be at least 1, got {args.max_num_queued_requests}"
+        )

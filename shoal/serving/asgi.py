@@ -1,0 +1,334 @@
+"""A small raw-ASGI application core: routing, JSON/SSE responses, OpenAI error bodies, disconnects.
+
+Each HTTP request: read the whole body (at most `App.max_body_bytes`: 413 as soon as the
+declared or received size exceeds it), run the route's guard (API key), take an admission
+place for generation routes (503 + Retry-After when the run is full), then run the handler
+and a disconnect watcher side by side. A client that goes away cancels the handler, whose generators abort their engine
+requests in `finally`. Errors map to OpenAI's body `{"error": {message, type, param, code}}`;
+no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from shoal.logger import init_logger
+from shoal.serving.admission import RETRY_AFTER_S, AdmissionControl
+from shoal.serving.engine_client import EngineDeadError
+from shoal.serving.openai_protocol import ErrorInfo, ErrorResponse, validation_param
+
+logger = init_logger(__name__)
+
+# Default request body limit: a max_model_len prompt as JSON token ids or text is well under
+# a MiB for the context lengths shoal serves; 4 MiB leaves room without inviting floods.
+MAX_BODY_BYTES = 4 << 20
+_JSON = b"application/json"
+_json_encoder = msgspec.json.Encoder()
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowed",
+    413: "RequestTooLargeError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class HTTPError(Exception):
+    """Answer the request with `status`, an OpenAI error body and extra `headers`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or []
+
+    def response(self) -> Response:
+        return Response(
+            error_body(self.status, self.message, self.param), self.status, headers=self.headers
+        )
+
+
+def error_body(status: int, message: str, param: str | None = None) -> bytes:
+    info = ErrorInfo(message, _ERROR_TYPES.get(status, "Error"), param, status)
+    return _json_encoder.encode(ErrorResponse(info))
+
+
+def error_for(exc: BaseException) -> tuple[int, bytes]:
+    """Status and body for an exception raised while serving a request."""
+    if isinstance(exc, HTTPError):
+        return exc.status, error_body(exc.status, exc.message, exc.param)
+    if isinstance(exc, msgspec.ValidationError):
+        return 400, error_body(400, str(exc), validation_param(str(exc)))
+    if isinstance(exc, msgspec.DecodeError):
+        return 400, error_body(400, f"the request body is not valid JSON: {exc}")
+    if isinstance(exc, ValueError):
+        return 400, error_body(400, str(exc), validation_param(str(exc)))
+    if isinstance(exc, EngineDeadError):
+        return 503, error_body(503, f"the engine is not available: {exc}")
+    logger.error("unhandled error while serving a request", exc_info=exc)
+    return 500, error_body(500, "internal server error (see the server log)")
+
+
+class Request:
+    """One HTTP request with its body already read."""
+
+    __slots__ = ("scope", "body", "headers")
+
+    def __init__(self, scope: Scope, body: bytes) -> None:
+        self.scope = scope
+        self.body = body
+        self.headers: dict[str, str] = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+        }
+
+    @property
+    def path(self) -> str:
+        return str(self.scope["path"])
+
+    def json(self, type_: type[Any]) -> Any:
+        """The body decoded as `type_`; msgspec errors become 400s (see `error_for`)."""
+        if not self.body:
+            raise HTTPError(400, "the request body is empty; expected a JSON object")
+        return msgspec.json.decode(self.body, type=type_)
+
+
+class Response:
+    """A complete response."""
+
+    def __init__(
+        self,
+        body: bytes,
+        status: int = 200,
+        content_type: bytes = _JSON,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.body, self.status = body, status
+        self.headers = [(b"content-type", content_type), *(headers or [])]
+
+    async def send(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def json_response(
+    obj: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None
+) -> Response:
+    return Response(_json_encoder.encode(obj), status, headers=headers)
+
+
+class StreamingResponse:
+    """Server-sent events: each item of `events` is one encoded `data:` payload. An error
+    after the headers went out is sent as a final `data: {"error": ...}` event."""
+
+    def __init__(
+        self, events: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        self.events = events
+        self.headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            *(headers or []),
+        ]
+
+    async def send(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        try:
+            async for payload in self.events:
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + payload + b"\n\n",
+                        "more_body": True,
+                    }
+                )
+        except Exception as e:
+            _, body = error_for(e)
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + body + b"\n\n",
+                    "more_body": True,
+                }
+            )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
+# Runs before admission and the handler; raises HTTPError to refuse (the API key check).
+Guard = Callable[[Request], None]
+
+
+class App:
+    """The ASGI callable: `(method, path) -> handler`, plus lifespan hooks."""
+
+    def __init__(
+        self, admission: AdmissionControl | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
+        self.routes: dict[tuple[str, str], Handler] = {}
+        self._watched: set[tuple[str, str]] = set()
+        self._admitted: set[tuple[str, str]] = set()
+        self._guards: dict[tuple[str, str], Guard] = {}
+        self.admission = admission
+        self.max_body_bytes = max_body_bytes
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        handler: Handler,
+        watch_disconnect: bool = False,
+        admit: bool = False,
+        guard: Guard | None = None,
+    ) -> None:
+        """Serve `method path` with `handler`. `watch_disconnect`: cancel the handler when
+        the client goes away (generation routes; quick routes skip the watcher's cost).
+        `admit`: the request holds an admission place until its response is done.
+        `guard`: a check run first (HTTPError refuses the request)."""
+        self.routes[(method, path)] = handler
+        if watch_disconnect:
+            self._watched.add((method, path))
+        if admit:
+            self._admitted.add((method, path))
+        if guard is not None:
+            self._guards[(method, path)] = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for hook in self.on_shutdown:
+                    with contextlib.suppress(Exception):
+                        await hook()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.routes.get((scope["method"], scope["path"]))
+        if handler is None:
+            known = any(path == scope["path"] for _, path in self.routes)
+            status = 405 if known else 404
+            message = (
+                f"method {scope['method']} is not allowed on {scope['path']}"
+                if known
+                else f"no route {scope['path']}"
+            )
+            await Response(error_body(status, message), status).send(send)
+            return
+        key = (scope["method"], scope["path"])
+        body = await _read_body(scope, receive, self.max_body_bytes)
+        if body is None:
+            return  # disconnected while sending the body
+        if isinstance(body, HTTPError):
+            await body.response().send(send)
+            return
+        request = Request(scope, body)
+        guard = self._guards.get(key)
+        try:
+            if guard is not None:
+                guard(request)
+        except HTTPError as e:
+            await e.response().send(send)
+            return
+        admission = self.admission if key in self._admitted else None
+        if admission is not None and not admission.try_acquire():
+            retry = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+            await HTTPError(503, admission.refusal_message(), headers=retry).response().send(send)
+            return
+        try:
+            work = self._respond(handler, request, send)
+            if key in self._watched:
+                await _run_until_disconnect(work, receive)
+            else:
+                await work
+        finally:
+            if admission is not None:
+                admission.release()
+
+    async def _respond(self, handler: Handler, request: Request, send: Send) -> None:
+        try:
+            response = await handler(request)
+        except Exception as e:
+            status, body = error_for(e)
+            response = Response(body, status)
+        await response.send(send)
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | HTTPError | None:
+    """The whole body; an HTTPError(413) as soon as the declared Content-Length or the bytes
+    received so far exceed `limit` (the rest is never read); None if the client left."""
+    too_large = HTTPError(413, f"the request body exceeds {limit} bytes (--max-request-body-bytes)")
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length":
+            try:
+                if int(value) > limit:
+                    return too_large
+            except ValueError:
+                return HTTPError(400, "the Content-Length header is not a number")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _run_until_disconnect(work: Awaitable[None], receive: Receive) -> None:
+    """Run `work`; if the client disconnects first, cancel it (its `finally` blocks abort
+    the engine requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            # Sending failed (the connection broke mid-response): nothing left to tell.
+            logger.debug("response not completed", exc_info=True)
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    # After the body, uvicorn's receive() blocks until the client goes away (or the response
+    # is complete, by which time `work` is done and this watcher is cancelled).
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,210 @@
+"""`AsyncEngine`: prompts in, `RequestOutput` streams out, over an `EngineClient` (one per API server).
+
+Request lifecycle in an API server:
+  1. `process()` tokenizes and validates (ValueError names the field) -> ProcessedRequest.
+  2. `generate()` registers a stream and the request with the OutputProcessor, picks the least
+     loaded engine and sends the engine request(s) (n > 1: n children, same engine).
+  3. The client's output loop calls `_on_outputs`: metrics, OutputProcessor, then each
+     RequestOutput goes to its stream; stop strings found here are aborted in the engine.
+  4. The caller stops early (disconnect, error) -> the generator's `finally` aborts the
+     request in the engine. An engine death fails every stream with EngineDeadError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from shoal.frontend.output_processor import OutputProcessor
+from shoal.frontend.outputs import RequestOutput, RequestOutputKind
+from shoal.frontend.processor import InputProcessor, ProcessedRequest, PromptType
+from shoal.frontend.tokenizer import Tokenizer
+from shoal.logger import init_logger
+from shoal.protocol import EngineCoreOutput, EngineCoreOutputs
+from shoal.sampling_params import SamplingParams
+from shoal.serving.engine_client import EngineClient, EngineDeadError
+from shoal.serving.metrics import HISTOGRAMS, MetricsStore
+
+logger = init_logger(__name__)
+
+_TTFT, _ITL, _E2E = HISTOGRAMS
+
+
+class _Stream:
+    """The outputs of one request, waiting for its HTTP handler."""
+
+    __slots__ = ("items", "event")
+
+    def __init__(self) -> None:
+        self.items: deque[RequestOutput | BaseException] = deque()
+        self.event = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.items.append(item)
+        self.event.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self.items:
+            self.event.clear()
+            await self.event.wait()
+        return self.items.popleft()
+
+
+@dataclass
+class _Timing:
+    """Latency bookkeeping of one engine request (one sequence)."""
+
+    arrival_s: float  # monotonic
+    num_prompt_tokens: int
+    last_output_s: float = 0.0
+    has_output: bool = False
+
+
+class AsyncEngine:
+    """What the HTTP routes call: `process`, `generate`, `is_dead`."""
+
+    def __init__(self, client: EngineClient, tokenizer: Tokenizer, metrics: MetricsStore) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_model_len = client.max_model_len
+        self.processor = InputProcessor(tokenizer, self.max_model_len)
+        self.output_processor = OutputProcessor(tokenizer)
+        self._streams: dict[str, _Stream] = {}
+        self._timings: dict[str, _Timing] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        client.start(self._on_outputs, self._on_dead)
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self.client.dead_reason
+
+    def process(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        add_special_tokens: bool = True,
+    ) -> ProcessedRequest:
+        """Tokenize and validate; `ValueError` naming the field (e.g. a prompt longer than
+        max_model_len); `EngineDeadError` once an engine died."""
+        if self.client.dead_reason is not None:
+            raise EngineDeadError(self.client.dead_reason)
+        return self.processor.process(
+            request_id,
+            prompt,
+            params,
+            client_index=self.client.client_index,
+            add_special_tokens=add_special_tokens,
+        )
+
+    async def generate(
+        self,
+        request: ProcessedRequest,
+        kind: RequestOutputKind = RequestOutputKind.DELTA,
+    ) -> AsyncIterator[RequestOutput]:
+        """Send `request` to an engine and yield its outputs until it finishes.
+
+        `EngineDeadError` if the engine dies first. Closing the generator early (client
+        disconnect, cancellation) aborts the request in the engine."""
+        if self.client.dead_reason is not None:
+            raise EngineDeadError(self.client.dead_reason)
+        request_id = request.request_id
+        self.output_processor.add_request(request, kind)  # ValueError for a duplicate id
+        stream = _Stream()
+        self._streams[request_id] = stream
+        now = time.monotonic()
+        for engine_request in request.engine_requests:
+            self._timings[engine_request.request_id] = _Timing(now, len(request.prompt_token_ids))
+        self.metrics.inc("requests_received_total")
+        finished = False
+        try:
+            await self.client.add_requests(self.client.pick_engine(), request.engine_requests)
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                await self._abort(request_id)
+
+    async def _abort(self, request_id: str) -> None:
+        engine_ids = self.output_processor.abort_requests([request_id])
+        for engine_id in engine_ids:
+            timing = self._timings.pop(engine_id, None)
+            if timing is not None:
+                self.metrics.inc("request_success_total:abort")
+        if engine_ids:
+            # Shielded: this runs while the handler is being cancelled (disconnect).
+            await asyncio.shield(self.client.abort_requests(engine_ids))
+
+    async def abort_all(self) -> None:
+        """Abort every request still in flight (shutdown)."""
+        for request_id in list(self._streams):
+            await self._abort(request_id)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(EngineDeadError("the server is shutting down"))
+
+    # -- callbacks from the EngineClient (on the event loop) ----------------------------------
+
+    def _on_outputs(self, outputs: EngineCoreOutputs) -> None:
+        if outputs.scheduler_stats is not None:
+            self.metrics.set_engine_stats(
+                outputs.engine_index, outputs.timestamp, outputs.scheduler_stats
+            )
+        now = time.monotonic()
+        for output in outputs.outputs:
+            self._record(output, now)
+        request_outputs, to_abort = self.output_processor.process_outputs(outputs.outputs)
+        for request_output in request_outputs:
+            stream = self._streams.get(request_output.request_id)
+            if stream is not None:
+                stream.put(request_output)
+        if to_abort:
+            # Stop strings matched here: the engine still runs those sequences.
+            for engine_id in to_abort:
+                self._finish_timing(engine_id, "stop", now)
+            task = asyncio.get_running_loop().create_task(self.client.abort_requests(to_abort))
+            # The loop holds tasks weakly: keep it until it is done.
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _record(self, output: EngineCoreOutput, now: float) -> None:
+        timing = self._timings.get(output.request_id)
+        if timing is None:
+            return
+        if output.new_token_ids:
+            if not timing.has_output:
+                timing.has_output = True
+                self.metrics.observe(_TTFT, now - timing.arrival_s)
+                self.metrics.inc("prompt_tokens_total", timing.num_prompt_tokens)
+            else:
+                self.metrics.observe(_ITL, now - timing.last_output_s)
+            timing.last_output_s = now
+            self.metrics.inc("generation_tokens_total", len(output.new_token_ids))
+        if output.finish_reason is not None:
+            self._finish_timing(output.request_id, str(output.finish_reason), now)
+
+    def _finish_timing(self, engine_id: str, reason: str, now: float) -> None:
+        timing = self._timings.pop(engine_id, None)
+        if timing is not None:
+            self.metrics.observe(_E2E, now - timing.arrival_s)
+            self.metrics.inc(f"request_success_total:{reason}")
+
+    def _on_dead(self, reason: str) -> None:
+        error = EngineDeadError(f"{reason}; the server cannot complete requests")
+        self.output_processor.abort_requests(list(self._streams))
+        for _ in self._timings:
+            self.metrics.inc("request_success_total:error")
+        self._timings.clear()
+        for stream in self._streams.values():
+            stream.put(error)

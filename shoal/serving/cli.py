@@ -1,0 +1,27 @@
+"""The `shoal serve` subcommand: its parser (from args.py) and a lazy hook to the launcher."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from shoal.serving.args import add_serve_args, config_from_args
+
+
+def register(subparsers: Any) -> None:
+    """Add `serve` to the `shoal` command's subparsers (`func` runs the server)."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="start the OpenAI-compatible server",
+        description="Start N API servers on one socket and M engine processes.",
+    )
+    add_serve_args(parser)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config_from_args(args)  # bad flags fail before anything heavy is imported
+    # Imported here so `shoal --help` and `shoal serve --help` stay fast.
+    from shoal.serving.launcher import run_serve
+
+    return run_serve(args)

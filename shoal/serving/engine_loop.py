@@ -1,0 +1,238 @@
+"""`EngineCoreProc`: `EngineCore` driven by the busy loop of an engine process.
+
+    input thread   (EngineIO) DEALERs -> ADD / ABORT -> input queue
+    main thread    input queue -> EngineCore.add_request / abort_requests; step() while
+                   there is work, else block on the input queue; EngineLoad -> coordinator
+    output thread  (EngineIO) outputs grouped per API server -> PUSH[client_index]
+
+Signals only set `shutdown_requested`; the loop then drains in-flight requests (up to
+`drain_timeout_s`, and only while an API server is still connected to receive them), aborts
+the rest, sends the final outputs and returns. The process entry point and the launcher side
+(`CoreEngineProcManager`) are in `shoal.serving.engine_proc`.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import zmq
+
+from shoal.config import ShoalConfig
+from shoal.logger import init_logger
+from shoal.protocol import (
+    AbortRequest,
+    EngineAddresses,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineLoad,
+    EngineReady,
+    FinishReason,
+    encode,
+)
+from shoal.serving.engine_io import EngineIO
+
+if TYPE_CHECKING:
+    from shoal.core.engine_core import EngineCore
+
+logger = init_logger(__name__)
+
+# How long an idle engine blocks on its input queue before it looks at the shutdown flag.
+_IDLE_WAIT_S = 0.2
+
+
+class EngineCoreProc:
+    """One engine process's state: the core, its I/O (`EngineIO`) and the busy loop.
+
+    Construction loads the model (slow). `connect(addresses)` starts the I/O threads and
+    sends `EngineReady` to every API server; `run_busy_loop()` serves until shutdown;
+    `close(dead)` stops the I/O.
+    """
+
+    def __init__(
+        self,
+        config: ShoalConfig,
+        engine_index: int,
+        coordinator_address: str | None = None,
+        drain_timeout_s: float = 0.0,
+    ) -> None:
+        # Imported here so the launcher (which imports this module) never imports torch.
+        from shoal.core.engine_core import EngineCore
+
+        self.engine_index = engine_index
+        self.config = config
+        self.drain_timeout_s = drain_timeout_s
+        self.engine_core: EngineCore = EngineCore(config, engine_index)
+        self.io = EngineIO(engine_index)
+        # request_id -> client_index, for every request the core holds.
+        self.request_clients: dict[str, int] = {}
+        self.shutdown_requested = False
+        # The main thread's own socket: EngineLoad to the DP coordinator (M > 1 only).
+        self._load_socket: zmq.Socket | None = None
+        if coordinator_address is not None:
+            self._load_socket = self.io.socket(zmq.PUSH)
+            self._load_socket.setsockopt(zmq.LINGER, 0)
+            self._load_socket.connect(coordinator_address)
+        self._last_load: tuple[int, int] | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return self.io.num_clients
+
+    # -- startup ------------------------------------------------------------------------------
+
+    def ready_message(self) -> EngineReady:
+        core = self.engine_core
+        return EngineReady(
+            engine_index=self.engine_index,
+            max_model_len=core.max_model_len,
+            num_blocks=core.num_blocks,
+            block_size=core.block_size,
+            model_name=_served_model_name(self.config),
+        )
+
+    def connect(self, addresses: EngineAddresses) -> None:
+        """Start the I/O threads; EngineReady goes to every API server first."""
+        self.io.start(addresses, encode(self.ready_message()))
+
+    # -- busy loop ----------------------------------------------------------------------------
+
+    def run_busy_loop(self) -> None:
+        """Serve until a shutdown request has been drained or aborted (see module doc)."""
+        drain_deadline: float | None = None
+        while True:
+            if self.io.error is not None:
+                raise RuntimeError("an engine I/O thread failed") from self.io.error
+            if self.shutdown_requested and drain_deadline is None:
+                drain_deadline = time.monotonic() + self.drain_timeout_s
+                logger.info(
+                    "shutdown requested: draining %d request(s) for up to %.1f s",
+                    len(self.request_clients),
+                    self.drain_timeout_s,
+                )
+            if drain_deadline is not None and (
+                not self.engine_core.has_unfinished_requests()
+                or time.monotonic() >= drain_deadline
+                or self.io.num_connected_clients == 0  # nobody left to receive the outputs
+            ):
+                self._abort_all()
+                return
+            self._process_input_queue(block=not self.engine_core.has_unfinished_requests())
+            if self.engine_core.has_unfinished_requests():
+                # Each step's stats are taken after its update, so the last step before going
+                # idle already reports the engine's zero load to the API servers.
+                self._dispatch(self.engine_core.step())
+            self._publish_load()
+
+    def _process_input_queue(self, block: bool) -> None:
+        try:
+            item = (
+                self.io.input_queue.get(timeout=_IDLE_WAIT_S)
+                if block
+                else self.io.input_queue.get_nowait()
+            )
+            while True:
+                self._handle_input(item)
+                item = self.io.input_queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _handle_input(self, message: EngineCoreRequest | AbortRequest) -> None:
+        if isinstance(message, AbortRequest):
+            # The core answers each unfinished one with an ABORT output on its next step.
+            self.engine_core.abort_requests(message.request_ids)
+            return
+        self._handle_add(message)
+
+    def _handle_add(self, request: EngineCoreRequest) -> None:
+        if not 0 <= request.client_index < self.num_clients:
+            logger.warning(
+                "dropped request %s: client_index %d out of range",
+                request.request_id,
+                request.client_index,
+            )
+            return
+        if self.shutdown_requested:
+            self._finish_unadmitted(request, FinishReason.ABORT)
+            return
+        try:
+            self.engine_core.add_request(request)
+        except ValueError as e:
+            logger.warning("request %s rejected: %s", request.request_id, e)
+            self._finish_unadmitted(request, FinishReason.ERROR)
+            return
+        self.request_clients[request.request_id] = request.client_index
+
+    def _finish_unadmitted(self, request: EngineCoreRequest, reason: FinishReason) -> None:
+        output = EngineCoreOutput(request.request_id, [], finish_reason=reason)
+        outputs = EngineCoreOutputs(
+            engine_index=self.engine_index,
+            outputs=[output],
+            scheduler_stats=self.engine_core.get_stats(),
+            timestamp=time.time(),
+        )
+        self.io.send(request.client_index, outputs)
+
+    def _dispatch(self, step_outputs: EngineCoreOutputs) -> None:
+        """Send a step's outputs, one EngineCoreOutputs per API server that has any."""
+        by_client: dict[int, list[EngineCoreOutput]] = defaultdict(list)
+        for output in step_outputs.outputs:
+            if output.finished:
+                client_index = self.request_clients.pop(output.request_id, None)
+            else:
+                client_index = self.request_clients.get(output.request_id)
+            if client_index is not None:
+                by_client[client_index].append(output)
+        for client_index, outputs in by_client.items():
+            grouped = EngineCoreOutputs(
+                engine_index=self.engine_index,
+                outputs=outputs,
+                scheduler_stats=step_outputs.scheduler_stats,
+                timestamp=step_outputs.timestamp,
+            )
+            self.io.send(client_index, grouped)
+
+    def _abort_all(self) -> None:
+        """Abort what is left and deliver the ABORT outputs (the last step of a shutdown)."""
+        if self.engine_core.has_unfinished_requests():
+            logger.info("aborting %d unfinished request(s)", len(self.request_clients))
+            self.engine_core.abort_all_requests()
+            self._dispatch(self.engine_core.step())
+        self._publish_load()
+
+    def _publish_load(self) -> None:
+        if self._load_socket is None:
+            return
+        stats = self.engine_core.get_stats()
+        load = (stats.num_waiting_reqs, stats.num_running_reqs)
+        if load == self._last_load:
+            return
+        message = EngineLoad(self.engine_index, load[0], load[1], stats.kv_cache_usage)
+        try:
+            self._load_socket.send(encode(message), zmq.NOBLOCK)
+            self._last_load = load
+        except zmq.Again:
+            pass  # coordinator not reachable yet: retried on the next change or step
+
+    # -- exit ---------------------------------------------------------------------------------
+
+    def close(self, dead: bool = False) -> None:
+        """Stop the I/O once the queued outputs are sent (and ENGINE_CORE_DEAD on every
+        output socket when `dead`)."""
+        if self._load_socket is not None:
+            self._load_socket.close()
+        self.io.close(dead)
+
+
+def _served_model_name(config: ShoalConfig) -> str:
+    if config.model.served_model_name:
+        return config.model.served_model_name
+    from shoal.model_source import resolve_model
+
+    try:
+        return resolve_model(config.model.model).name
+    except FileNotFoundError:
+        return config.model.model or ""

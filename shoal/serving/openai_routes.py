@@ -1,0 +1,249 @@
+"""POST /v1/completions and POST /v1/chat/completions: streaming (SSE) and non-streaming."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import jinja2
+import msgspec
+
+from shoal.frontend.outputs import RequestOutput, RequestOutputKind
+from shoal.frontend.processor import ProcessedRequest
+from shoal.frontend.tokenizer import Tokenizer
+from shoal.serving.asgi import HTTPError, Request, Response, StreamingResponse, json_response
+from shoal.serving.async_engine import AsyncEngine
+from shoal.serving.openai_format import (
+    chat_logprobs,
+    check_finish,
+    completion_logprobs,
+    gather_or_cancel,
+    merge,
+    usage_of,
+)
+from shoal.serving.openai_protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    UsageInfo,
+    now_s,
+    random_id,
+)
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass
+class ServingContext:
+    """What every route needs: the engine, the tokenizer and the model's public name."""
+
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    model_name: str
+
+    def check_model(self, model: str | None) -> None:
+        """404 for a model this server does not serve (None = the served one)."""
+        if model is not None and model != self.model_name:
+            raise HTTPError(404, f"The model `{model}` does not exist.", "model")
+
+
+@dataclass
+class _Ids:
+    public: str  # the response's `id`
+    internal: str  # engine request id prefix, unique even if x-request-id repeats
+    headers: list[tuple[bytes, bytes]]
+
+
+def _request_ids(request: Request, prefix: str) -> _Ids:
+    client_id = request.headers.get("x-request-id")
+    if not client_id:
+        public = random_id(prefix)
+        return _Ids(public, public, [])
+    public = f"{prefix}-{client_id}"
+    return _Ids(
+        public,
+        f"{public}-{secrets.token_hex(4)}",
+        [(b"x-request-id", client_id.encode("latin-1", "replace"))],
+    )
+
+
+async def _final(engine: AsyncEngine, request: ProcessedRequest) -> RequestOutput:
+    result: RequestOutput | None = None
+    async for output in engine.generate(request, RequestOutputKind.FINAL_ONLY):
+        result = output
+    assert result is not None and result.finished
+    for sequence in result.outputs:
+        check_finish(sequence)
+    return result
+
+
+# ----------------------------------------------------------------------------- completions
+
+
+async def create_completion(ctx: ServingContext, request: Request) -> Response | StreamingResponse:
+    body: CompletionRequest = request.json(CompletionRequest)
+    ctx.check_model(body.model)
+    params = body.to_sampling_params()
+    if body.echo and body.logprobs is not None:
+        raise ValueError("echo: prompt logprobs (echo together with logprobs) are not supported")
+    ids = _request_ids(request, "cmpl")
+    processed = [
+        ctx.engine.process(
+            f"{ids.internal}-{i}", prompt, params, add_special_tokens=body.add_special_tokens
+        )
+        for i, prompt in enumerate(body.prompts())
+    ]
+    echoes = [_prompt_text(ctx.tokenizer, p) if body.echo else "" for p in processed]
+    if body.stream:
+        events = _completion_events(ctx, body, ids.public, processed, echoes)
+        return StreamingResponse(events, ids.headers)
+    results = await gather_or_cancel([_final(ctx.engine, p) for p in processed])
+    choices = []
+    for i, result in enumerate(results):
+        for output in result.outputs:
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs, _ = completion_logprobs(output, body.logprobs, len(echoes[i]))
+            choices.append(
+                CompletionChoice(
+                    i * params.n + output.index,
+                    echoes[i] + output.text,
+                    logprobs,
+                    output.finish_reason,
+                    output.stop_reason,
+                )
+            )
+    response = CompletionResponse(ids.public, now_s(), ctx.model_name, choices, usage_of(results))
+    return json_response(response, headers=ids.headers)
+
+
+def _prompt_text(tokenizer: Tokenizer, request: ProcessedRequest) -> str:
+    if request.prompt is not None:
+        return request.prompt
+    return tokenizer.decode(request.prompt_token_ids, skip_special_tokens=False)
+
+
+async def _completion_events(
+    ctx: ServingContext,
+    body: CompletionRequest,
+    request_id: str,
+    processed: list[ProcessedRequest],
+    echoes: list[str],
+) -> AsyncIterator[bytes]:
+    created, n = now_s(), body.n
+    offsets: dict[int, int] = {}  # choice index -> characters sent (logprobs text_offset)
+    num_tokens: dict[int, int] = {}
+    streams = [ctx.engine.generate(p, RequestOutputKind.DELTA) for p in processed]
+    async for i, result in merge(streams):
+        for output in result.outputs:
+            check_finish(output)
+            index = i * n + output.index
+            text = output.text
+            if index not in offsets:
+                text, offsets[index] = echoes[i] + text, len(echoes[i])
+            num_tokens[index] = num_tokens.get(index, 0) + len(output.token_ids)
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs, offsets[index] = completion_logprobs(
+                    output, body.logprobs, offsets[index]
+                )
+            elif text:
+                offsets[index] += len(text)
+            if not text and output.finish_reason is None and not output.token_ids:
+                continue
+            choice = CompletionChoice(
+                index, text, logprobs, output.finish_reason, output.stop_reason
+            )
+            yield _encode(CompletionResponse(request_id, created, ctx.model_name, [choice]))
+    if body.include_usage:
+        usage = _stream_usage(processed, num_tokens)
+        yield _encode(CompletionResponse(request_id, created, ctx.model_name, [], usage))
+
+
+def _stream_usage(processed: list[ProcessedRequest], num_tokens: dict[int, int]) -> UsageInfo:
+    prompt = sum(len(p.prompt_token_ids) for p in processed)
+    completion = sum(num_tokens.values())
+    return UsageInfo(prompt, completion, prompt + completion)
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+async def create_chat_completion(
+    ctx: ServingContext, request: Request
+) -> Response | StreamingResponse:
+    body: ChatCompletionRequest = request.json(ChatCompletionRequest)
+    ctx.check_model(body.model)
+    params = body.to_sampling_params()
+    if body.continue_final_message:
+        raise ValueError("continue_final_message: not supported")
+    try:
+        prompt = ctx.tokenizer.apply_chat_template(
+            body.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            chat_template=body.chat_template,
+            **(body.chat_template_kwargs or {}),
+        )
+    except jinja2.TemplateError as e:
+        raise HTTPError(400, f"the chat template rejected the messages: {e}", "messages") from e
+    ids = _request_ids(request, "chatcmpl")
+    processed = ctx.engine.process(
+        ids.internal, prompt, params, add_special_tokens=body.add_special_tokens
+    )
+    num_top = body.top_logprobs or 0
+    if body.stream:
+        return StreamingResponse(_chat_events(ctx, body, ids.public, processed), ids.headers)
+    result = await _final(ctx.engine, processed)
+    choices = [
+        ChatChoice(
+            o.index,
+            ChatMessage("assistant", o.text),
+            chat_logprobs(o, num_top, ctx.tokenizer) if body.logprobs else None,
+            o.finish_reason,
+            o.stop_reason,
+        )
+        for o in result.outputs
+    ]
+    response = ChatCompletionResponse(
+        ids.public, now_s(), ctx.model_name, choices, usage_of([result])
+    )
+    return json_response(response, headers=ids.headers)
+
+
+async def _chat_events(
+    ctx: ServingContext, body: ChatCompletionRequest, request_id: str, processed: ProcessedRequest
+) -> AsyncIterator[bytes]:
+    created, model = now_s(), ctx.model_name
+    num_top = body.top_logprobs or 0
+    # The first chunk of every choice names the role (OpenAI's shape).
+    first = [ChatStreamChoice(i, DeltaMessage(role="assistant", content="")) for i in range(body.n)]
+    yield _encode(ChatCompletionChunk(request_id, created, model, first))
+    num_tokens = 0
+    async for _, result in merge([ctx.engine.generate(processed, RequestOutputKind.DELTA)]):
+        choices = []
+        for output in result.outputs:
+            check_finish(output)
+            num_tokens += len(output.token_ids)
+            if not output.text and output.finish_reason is None and not output.token_ids:
+                continue
+            logprobs = chat_logprobs(output, num_top, ctx.tokenizer) if body.logprobs else None
+            delta = DeltaMessage(content=output.text if output.text else None)
+            choices.append(
+                ChatStreamChoice(
+                    output.index, delta, logprobs, output.finish_reason, output.stop_reason
+                )
+            )
+        if choices:
+            yield _encode(ChatCompletionChunk(request_id, created, model, choices))
+    if body.include_usage:
+        prompt = len(processed.prompt_token_ids)
+        usage = UsageInfo(prompt, num_tokens, prompt + num_tokens)
+        yield _encode(ChatCompletionChunk(request_id, created, model, [], usage))

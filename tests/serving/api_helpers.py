@@ -1,0 +1,74 @@
+"""Helpers of the API-server tests: a module-long `shoal serve`, metrics parsing, SSE reading."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+
+from tests.serving.conftest import TINY_FLAGS, ServeProcess, start_serve
+
+TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def running_server(model_dir: str, *flags: str) -> Iterator[ServeProcess]:
+    """`shoal serve` on the tiny model for a whole test module.
+
+    Its IPC directory lives under a private base, not the suite's: the per-test leak check
+    fails on any socket file under the suite's base, and this server outlives single tests.
+    On exit: SIGTERM, exit code 0, no process and no file left."""
+    base = tempfile.mkdtemp(prefix="shoal-api-rpc-")
+    saved = os.environ["SHOAL_RPC_BASE_PATH"]
+    os.environ["SHOAL_RPC_BASE_PATH"] = base
+    try:
+        server = start_serve([model_dir, *TINY_FLAGS, *flags])
+    finally:
+        os.environ["SHOAL_RPC_BASE_PATH"] = saved
+    try:
+        yield server
+        assert server.stop(signal.SIGTERM, TIMEOUT_S) == 0, server.log
+        assert server.leftovers() == []
+        assert [f for _, _, files in os.walk(base) for f in files] == []
+    finally:
+        server.kill_everything()
+        with contextlib.suppress(OSError):
+            for root, dirs, _ in os.walk(base, topdown=False):
+                for d in dirs:
+                    os.rmdir(os.path.join(root, d))
+            os.rmdir(base)
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of the first `shoal:<name>{...}` sample whose labels contain `labels`."""
+    pattern = rf"^shoal:{re.escape(name)}{{[^}}]*{re.escape(labels)}[^}}]*}} (\S+)$"
+    match = re.search(pattern, text, re.M)
+    assert match, f"{name}{{{labels}}} not in /metrics:\n{text}"
+    return float(match.group(1))
+
+
+def get_metrics(url: str) -> tuple[str, str]:
+    """(/metrics text, the API server that answered) over a fresh connection."""
+    response = httpx.get(f"{url}/metrics", timeout=TIMEOUT_S)
+    response.raise_for_status()
+    return response.text, response.headers["x-shoal-server"]
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def sse_payloads(response: httpx.Response) -> Iterator[str]:
+    """The `data:` payloads of a streaming response, `[DONE]` included."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield line[len("data: ") :]

@@ -1,0 +1,164 @@
+"""/metrics across 2 API servers, client disconnects aborting in the engine, SIGTERM draining."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.serving.api_helpers import (
+    TIMEOUT_S,
+    get_metrics,
+    metric,
+    running_server,
+    sse_payloads,
+    wait_until,
+)
+from tests.serving.conftest import ServeProcess
+
+LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
+    with running_server(tiny_model_dir, "--api-server-count", "2") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def url(server: ServeProcess) -> str:
+    assert server.url is not None
+    return server.url
+
+
+@pytest.fixture(scope="module")
+def model(url: str) -> str:
+    return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+
+
+def _metrics_from_both_servers(url: str) -> dict[str, str]:
+    """/metrics as answered by each API server (fresh connections land on either)."""
+    seen: dict[str, str] = {}
+    for _ in range(200):
+        text, role = get_metrics(url)
+        seen[role] = text
+        if len(seen) == 2:
+            return seen
+    pytest.fail(f"only {sorted(seen)} answered /metrics")
+
+
+def _idle(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        text, _ = get_metrics(url)
+        return (
+            metric(text, "num_requests_running", 'engine="0"') == 0
+            and metric(text, "num_requests_waiting", 'engine="0"') == 0
+            and metric(text, "kv_cache_blocks_free", 'engine="0"')
+            == metric(text, "kv_cache_blocks_total", 'engine="0"')
+        )
+
+    return check
+
+
+def test_every_api_server_reports_the_same_totals(url: str, model: str) -> None:
+    before, _ = get_metrics(url)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S)
+    prompts = ["a", "b c", "d e f", "g h i j"]
+    threads = [
+        threading.Thread(
+            target=client.completions.create,
+            kwargs={
+                "model": model,
+                "prompt": p,
+                "max_tokens": 5,
+                "extra_body": {"ignore_eos": True},
+            },
+        )
+        for p in prompts
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_until(_idle(url))
+    texts = _metrics_from_both_servers(url)
+    first, second = texts.values()
+    assert first == second
+
+    def grew(name: str, labels: str = "") -> float:
+        return metric(first, name, labels) - metric(before, name, labels)
+
+    assert grew("requests_received_total") == 4
+    assert grew("request_success_total", 'finished_reason="length"') == 4
+    assert grew("generation_tokens_total") == 20
+    assert grew("time_to_first_token_seconds_count") == 4
+    assert grew("inter_token_latency_seconds_count") == 16
+    assert grew("e2e_request_latency_seconds_count") == 4
+    assert metric(first, "kv_cache_blocks_total", 'engine="0"') == 256
+    assert metric(first, "iteration_generation_requests", 'engine="0"') >= 0
+
+
+def test_streaming_client_disconnect_aborts_the_request(url: str, model: str) -> None:
+    before, _ = get_metrics(url)
+    body = {"model": model, "prompt": "Tell me a long story", "stream": True, **LONG}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
+        events = sse_payloads(r)
+        next(events)
+        next(events)
+    # The connection is closed: the engine must drop the request and free its KV blocks.
+    _expect_one_abort(url, before)
+
+
+def test_non_streaming_client_disconnect_aborts_the_request(url: str, model: str) -> None:
+    before, _ = get_metrics(url)
+    body = {"model": model, "prompt": "Another long story", **LONG}
+    # The tiny model needs far more than 50 ms for 200 tokens: the client gives up first.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.05))
+    _expect_one_abort(url, before)
+
+
+def _expect_one_abort(url: str, before: str) -> None:
+    def aborted() -> bool:
+        text, _ = get_metrics(url)
+        return metric(text, "request_success_total", 'finished_reason="abort"') == (
+            metric(before, "request_success_total", 'finished_reason="abort"') + 1
+        )
+
+    wait_until(aborted)
+    wait_until(_idle(url))
+    after, _ = get_metrics(url)
+    assert metric(after, "request_success_total", 'finished_reason="length"') == metric(
+        before, "request_success_total", 'finished_reason="length"'
+    )
+    assert (
+        metric(after, "generation_tokens_total") - metric(before, "generation_tokens_total")
+        < LONG["max_tokens"]
+    )
+
+
+def test_sigterm_lets_an_in_flight_stream_finish(serve: Callable[..., ServeProcess]) -> None:
+    server = serve("--shutdown-timeout", "30")
+    url = server.url
+    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": "Drain me", "stream": True, **LONG, "max_tokens": 60}
+    started, finish = threading.Event(), []
+
+    def consume() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
+            for payload in sse_payloads(r):
+                started.set()
+                finish.append(payload)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert started.wait(TIMEOUT_S)
+    server.proc.send_signal(signal.SIGTERM)
+    reader.join(TIMEOUT_S)
+    assert finish[-1] == "[DONE]"
+    assert '"finish_reason":"length"' in finish[-2], finish[-2]
+    assert server.wait(TIMEOUT_S) == 0

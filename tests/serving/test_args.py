@@ -1,0 +1,111 @@
+"""`shoal serve` flags: defaults from the config dataclasses, errors naming the flag."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from shoal.cli import main
+from shoal.config import ShoalConfig
+from shoal.serving.args import DEFAULT_SHUTDOWN_TIMEOUT_S, config_from_args, make_serve_parser
+
+
+def _parse(*argv: str):
+    return make_serve_parser().parse_args(list(argv))
+
+
+def test_defaults_are_the_config_defaults() -> None:
+    args = _parse()
+    assert config_from_args(args) == ShoalConfig()
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
+    assert args.shutdown_timeout == DEFAULT_SHUTDOWN_TIMEOUT_S
+
+
+def test_flags_reach_the_config() -> None:
+    args = _parse(
+        "/m",
+        "--api-server-count",
+        "2",
+        "--data-parallel-size",
+        "3",
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "256",
+        "--max-num-seqs",
+        "4",
+        "--max-num-batched-tokens",
+        "64",
+        "--block-size",
+        "8",
+        "--num-blocks",
+        "20",
+        "--kv-cache-memory-bytes",
+        "1000",
+        "--no-enable-prefix-caching",
+        "--load-format",
+        "dummy",
+        "--seed",
+        "7",
+        "--served-model-name",
+        "x",
+        "--tokenizer",
+        "/t",
+    )
+    config = config_from_args(args)
+    assert config.parallel.api_server_count == 2 and config.parallel.data_parallel_size == 3
+    assert (config.model.model, config.model.dtype, config.model.max_model_len) == (
+        "/m",
+        "bfloat16",
+        256,
+    )
+    assert (config.model.load_format, config.model.seed) == ("dummy", 7)
+    assert (config.model.served_model_name, config.model.tokenizer) == ("x", "/t")
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (4, 64)
+    assert (config.cache.block_size, config.cache.num_blocks) == (8, 20)
+    assert config.cache.kv_cache_memory_bytes == 1000
+    assert not config.cache.enable_prefix_caching
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--block-size", "12"], "--block-size"),
+        (["--data-parallel-size", "0"], "--data-parallel-size"),
+        (["--api-server-count", "0"], "--api-server-count"),
+        (["--port", "70000"], "--port"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+        (["--max-num-seqs", "0"], "--max-num-seqs"),
+        (["--engine-ready-timeout", "0"], "--engine-ready-timeout"),
+    ],
+)
+def test_invalid_values_name_the_flag(argv: list[str], flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        config_from_args(_parse(*argv))
+
+
+def test_namespace_is_picklable() -> None:
+    args = _parse("--api-key", "k")
+    assert vars(pickle.loads(pickle.dumps(args))) == vars(args)
+
+
+def test_cli_reports_a_bad_flag_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--block-size", "3"])
+    assert exc.value.code == 2
+    assert "--block-size" in capsys.readouterr().err
+
+
+def test_serve_help_does_not_import_torch() -> None:
+    code = (
+        "import sys; from shoal.cli import main\n"
+        "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'shoal.serving.launcher' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--data-parallel-size" in out.stdout

@@ -1,0 +1,162 @@
+"""Round trip of every wire struct in shoal.protocol through msgpack (no pickle)."""
+
+from __future__ import annotations
+
+import inspect
+
+import msgspec
+import pytest
+
+from shoal import protocol
+from shoal.protocol import (
+    AbortRequest,
+    DPStats,
+    EngineAddresses,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineLoad,
+    EngineReady,
+    FinishReason,
+    RequestType,
+    SchedulerStats,
+    TokenLogprobs,
+    decoder,
+    encode,
+    engine_identity,
+)
+from shoal.sampling_params import SamplingParams
+
+_LOGPROBS = TokenLogprobs(
+    token_id=7, logprob=-0.25, rank=2, top_token_ids=[3, 7], top_logprobs=[-0.1, -0.25]
+)
+_STATS = SchedulerStats(
+    num_running_reqs=3,
+    num_waiting_reqs=2,
+    kv_cache_usage=0.5,
+    num_blocks_total=64,
+    num_blocks_free=32,
+    prefix_cache_queries=100,
+    prefix_cache_hits=48,
+    num_preemptions=1,
+    num_ctx_requests=1,
+    num_ctx_tokens=17,
+    num_generation_requests=2,
+    num_generation_tokens=2,
+)
+
+# One example per struct, every field set away from its default.
+EXAMPLES: list[msgspec.Struct] = [
+    EngineCoreRequest(
+        request_id="req-1",
+        prompt_token_ids=[1, 2, 3],
+        sampling_params=SamplingParams(
+            n=1,
+            temperature=0.7,
+            top_p=0.9,
+            top_k=5,
+            min_p=0.1,
+            seed=42,
+            max_tokens=8,
+            min_tokens=2,
+            stop=["\n"],
+            stop_token_ids=[9],
+            ignore_eos=True,
+            logprobs=2,
+            skip_special_tokens=False,
+            include_stop_str_in_output=True,
+        ),
+        eos_token_id=2,
+        arrival_time=1234.5,
+        client_index=3,
+    ),
+    _LOGPROBS,
+    EngineCoreOutput(
+        request_id="req-1",
+        new_token_ids=[5, 6],
+        new_logprobs=[_LOGPROBS],
+        finish_reason=FinishReason.STOP,
+        stop_reason=9,
+        num_cached_tokens=16,
+    ),
+    _STATS,
+    EngineCoreOutputs(
+        engine_index=1,
+        outputs=[
+            EngineCoreOutput("a", [1]),
+            EngineCoreOutput("b", [], finish_reason=FinishReason.ABORT),
+        ],
+        scheduler_stats=_STATS,
+        timestamp=99.5,
+    ),
+    EngineReady(
+        engine_index=1, max_model_len=2048, num_blocks=512, block_size=16, model_name="tiny"
+    ),
+    AbortRequest(request_ids=["a", "b"]),
+    EngineLoad(engine_index=1, num_waiting_reqs=4, num_running_reqs=8, kv_cache_usage=0.75),
+    DPStats(loads=[(0, 1), (2, 3)], timestamp=12.0),
+    EngineAddresses(
+        input_addresses=["ipc:///tmp/x/in0", "tcp://127.0.0.1:5555"],
+        output_addresses=["ipc:///tmp/x/out0", "tcp://127.0.0.1:5556"],
+    ),
+]
+
+
+def _protocol_structs() -> set[type]:
+    return {
+        obj
+        for _, obj in inspect.getmembers(protocol, inspect.isclass)
+        if issubclass(obj, msgspec.Struct) and obj.__module__ == protocol.__name__
+    }
+
+
+def test_every_protocol_struct_has_an_example() -> None:
+    assert _protocol_structs() == {type(m) for m in EXAMPLES}
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: msgspec.Struct) -> None:
+    wire = encode(message)
+    assert not wire.startswith(b"\x80")  # a pickle stream starts with PROTO (0x80)
+    assert decoder(type(message)).decode(wire) == message
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_default_instances_round_trip(message: msgspec.Struct) -> None:
+    # Required fields from the example, every optional field left at its default.
+    cls = type(message)
+    required = {
+        f: getattr(message, f)
+        for f in cls.__struct_fields__[: len(cls.__struct_fields__) - len(cls.__struct_defaults__)]
+    }
+    minimal = cls(**required)
+    assert decoder(cls).decode(encode(minimal)) == minimal
+
+
+def test_decoded_enums_keep_their_types() -> None:
+    out = decoder(EngineCoreOutput).decode(encode(EXAMPLES[2]))
+    assert out.finish_reason is FinishReason.STOP and out.finished
+    assert str(FinishReason.LENGTH) == "length"
+    req = decoder(EngineCoreRequest).decode(encode(EXAMPLES[0]))
+    assert isinstance(req.sampling_params, SamplingParams)
+
+
+def test_typed_decoder_rejects_the_wrong_message() -> None:
+    with pytest.raises(msgspec.ValidationError):
+        decoder(EngineCoreRequest).decode(encode(AbortRequest(["x"])))
+    with pytest.raises(msgspec.DecodeError):
+        decoder(AbortRequest).decode(b"\xc1 not msgpack")
+
+
+def test_invalid_sampling_params_fail_decoding() -> None:
+    bad = msgspec.msgpack.encode(["r", [1], {"temperature": -1.0}, None, 0.0])
+    with pytest.raises(msgspec.ValidationError, match="temperature"):
+        decoder(EngineCoreRequest).decode(bad)
+
+
+def test_request_types_and_identities() -> None:
+    assert [t.value for t in RequestType] == [bytes([i]) for i in range(6)]
+    assert RequestType(b"\x01") is RequestType.ABORT
+    identities = {engine_identity(k) for k in range(300)}
+    assert len(identities) == 300 and all(len(i) == 2 for i in identities)
+    assert protocol.ENGINE_CORE_DEAD == b"ENGINE_CORE_DEAD"
