@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing.resource_tracker
 import os
+import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -50,10 +52,13 @@ def _leftover_ipc_files() -> list[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _resource_tracker_running() -> None:
+def _resource_tracker_running() -> Iterator[None]:
     """The first spawn starts multiprocessing's resource tracker, which lives until the
-    session ends; start it before any test's leak snapshot so it is not counted as a leak."""
+    session ends; start it before any test's leak snapshot so it is not counted as a leak.
+    At the end, remove the session's IPC base directory (empty unless a test failed)."""
     multiprocessing.resource_tracker.ensure_running()
+    yield
+    shutil.rmtree(_RPC_BASE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
