@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
 
-from shoal.config import DEVICES, DTYPES, LOAD_FORMATS, CacheConfig, ModelConfig, SchedulerConfig
+from shoal.config import ModelConfig
+from shoal.engine_args import add_engine_args, add_model_args
+from shoal.engine_args import config_default as _default
 from shoal.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -18,15 +19,6 @@ if TYPE_CHECKING:
 
 EXIT_COMMANDS = ("/exit", "/quit")
 CHAT_MAX_TOKENS = 512
-
-
-def _default(cls: type, name: str) -> Any:
-    """A config dataclass's (or msgspec struct's) field default, so CLI defaults never drift
-    from the config."""
-    fields: Any = (
-        dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else msgspec.structs.fields(cls)
-    )
-    return next(f.default for f in fields if f.name == name)
 
 
 def register(subparsers: Any) -> None:
@@ -71,53 +63,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a Hugging Face directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
     )
-    g.add_argument("--tokenizer", default=None, help="tokenizer source when it differs")
-    g.add_argument(
-        "--dtype",
-        default=_default(ModelConfig, "dtype"),
-        choices=DTYPES,
-        help="(default: %(default)s)",
-    )
-    g.add_argument(
-        "--load-format",
-        default=_default(ModelConfig, "load_format"),
-        choices=LOAD_FORMATS,
-        help="dummy = random weights (default: %(default)s)",
-    )
-    g.add_argument(
-        "--device",
-        default=_default(ModelConfig, "device"),
-        choices=DEVICES,
-        help="(default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-model-len", type=int, default=None, help="context length (default: the model's own)"
-    )
-    g.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=_default(SchedulerConfig, "max_num_seqs"),
-        help="(default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=_default(SchedulerConfig, "max_num_batched_tokens"),
-        help="token budget of one step (default: %(default)s)",
-    )
-    g.add_argument(
-        "--block-size",
-        type=int,
-        default=_default(CacheConfig, "block_size"),
-        help="(default: %(default)s)",
-    )
-    g.add_argument("--num-blocks", type=int, default=None, help="exact number of KV blocks")
-    g.add_argument(
-        "--kv-cache-memory-bytes",
-        type=int,
-        default=_default(CacheConfig, "kv_cache_memory_bytes"),
-        help="(default: %(default)s)",
-    )
+    add_model_args(g)
+    add_engine_args(g)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -205,6 +152,7 @@ def _load_llm(args: argparse.Namespace) -> LLM:
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed if args.seed is not None else _default(ModelConfig, "seed"),
     )
     print(

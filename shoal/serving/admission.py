@@ -5,13 +5,14 @@ A request counts from the moment an API server admits it until its response has 
 engine's waiting queue or running. Over the limit a new request is refused with 503 and
 `Retry-After` instead of joining an unbounded queue.
 
-Why a file: the N API servers are separate processes and the limit is global. Each server
-owns two int64 slots in one small mmap'd file in the run's private IPC directory
-(`admission.counters`): `[in_flight_i, rejected_i]`. A server writes only its own slots; the
-global count is the sum over all servers. `try_acquire` holds an exclusive `flock` on the
-file while it reads the sum and bumps its slot, so two servers never both take the last
-place. A server killed by SIGKILL releases the lock with its file descriptor (the launcher
-then stops the whole run, so its stale slot does not outlive it).
+Why files: the N API servers are separate processes and the limit is global. Each server
+owns one small mmap'd file in the run's private IPC directory, `admission_<i>.counters`, of
+two int64 slots `[in_flight, rejected]`, and writes only its own; the global count is the sum
+over every server's file. `try_acquire` holds an exclusive `flock` on the directory while it
+reads the sum and bumps its slot, so two servers never both take the last place. A server
+killed by SIGKILL releases the lock with its file descriptor (the launcher then stops the
+whole run, so its stale count does not outlive it). Each server removes its own file on
+close, like the metrics files.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from shoal.logger import init_logger
 
 logger = init_logger(__name__)
 
-FILE_NAME = "admission.counters"
-_SLOTS_PER_SERVER = 2  # in flight, rejected
+_SLOTS = 2  # in flight, rejected
 # Seconds a refused client is told to wait (Retry-After): one engine step is milliseconds,
 # a typical request a few seconds; 1 s spreads retries without idling a free server long.
 RETRY_AFTER_S = 1
@@ -51,58 +51,80 @@ class AdmissionControl:
         if not 0 <= client_index < client_count:
             raise ValueError(f"client_index: {client_index} not in [0, {client_count})")
         self.limit = limit
-        self._base = client_index * _SLOTS_PER_SERVER
-        size = client_count * _SLOTS_PER_SERVER * 8
-        self._fd = -1
-        self._mmap: mmap.mmap | None = None
+        self.directory = directory
+        self.client_index = client_index
+        self.client_count = client_count
+        self.path: str | None = None
+        self._dir_fd = -1
+        self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}
         if directory is None:
             if client_count > 1 and limit is not None:
                 logger.warning("no shared IPC directory: --max-num-queued-requests is per server")
-            self._slots = memoryview(bytearray(size)).cast("q")
+            self._own = memoryview(bytearray(_SLOTS * 8)).cast("q")
             return
-        path = os.path.join(directory, FILE_NAME)
-        # No O_TRUNC: another server may already count in it. ftruncate to the same size is
-        # idempotent and new bytes read as zero.
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        with self._locked():
-            if os.fstat(self._fd).st_size < size:
-                os.ftruncate(self._fd, size)
-        self._mmap = mmap.mmap(self._fd, size)
-        self._slots = memoryview(self._mmap).cast("q")
-        self._slots[self._base] = 0  # a fresh process has nothing in flight
+        self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        self.path = _file(directory, client_index)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, _SLOTS * 8)
+            own = mmap.mmap(fd, _SLOTS * 8)
+        finally:
+            os.close(fd)
+        self._own = memoryview(own).cast("q")
+        self._maps[client_index] = (own, self._own)
+
+    def _peers(self) -> list[memoryview]:
+        """Every server's slots that exist so far (a peer still starting has none yet)."""
+        if self.directory is None:
+            return [self._own]
+        for j in range(self.client_count):
+            if j in self._maps:
+                continue
+            try:
+                fd = os.open(_file(self.directory, j), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if os.fstat(fd).st_size < _SLOTS * 8:
+                    continue
+                peer = mmap.mmap(fd, _SLOTS * 8, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self._maps[j] = (peer, memoryview(peer).cast("q"))
+        return [view for _, view in self._maps.values()]
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        if self._fd < 0:
+        if self._dir_fd < 0:
             yield
             return
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
 
     def in_flight(self) -> int:
         """Requests admitted and not yet finished, over every API server of the run."""
-        return sum(self._slots[i] for i in range(0, len(self._slots), _SLOTS_PER_SERVER))
+        return sum(view[0] for view in self._peers())
 
     def rejected(self) -> int:
         """Requests refused over the limit, over every API server of the run."""
-        return sum(self._slots[i] for i in range(1, len(self._slots), _SLOTS_PER_SERVER))
+        return sum(view[1] for view in self._peers())
 
     def try_acquire(self) -> bool:
         """Admit one request (True; pair it with `release`) or refuse it (False)."""
         with self._locked():
             if self.limit is not None and self.in_flight() >= self.limit:
-                self._slots[self._base + 1] += 1
+                self._own[1] += 1
                 return False
-            self._slots[self._base] += 1
+            self._own[0] += 1
             return True
 
     def release(self) -> None:
         """The admitted request is done (response sent, failed, or the client left)."""
         with self._locked():
-            self._slots[self._base] = max(self._slots[self._base] - 1, 0)
+            self._own[0] = max(self._own[0] - 1, 0)
 
     def refusal_message(self) -> str:
         return (
@@ -111,10 +133,19 @@ class AdmissionControl:
         )
 
     def close(self) -> None:
-        self._slots.release()
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Unmap everything and remove this server's file."""
+        for map_, view in self._maps.values():
+            view.release()
+            map_.close()
+        self._maps.clear()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.path = None
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+
+def _file(directory: str, client_index: int) -> str:
+    return os.path.join(directory, f"admission_{client_index}.counters")

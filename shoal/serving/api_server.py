@@ -115,7 +115,11 @@ async def run_server_worker(
     _Signals.loop, _Signals.stop = asyncio.get_running_loop(), asyncio.Event()
     if _Signals.received:
         return
-    client = EngineClient(client_config, int(getattr(args, "data_parallel_size", 1)))
+    client = EngineClient(
+        client_config,
+        int(getattr(args, "data_parallel_size", 1)),
+        stall_timeout_s=getattr(args, "engine_stall_timeout", None) or None,
+    )
     metrics: MetricsStore | None = None
     admission: AdmissionControl | None = None
     engine: AsyncEngine | None = None

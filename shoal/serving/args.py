@@ -4,37 +4,30 @@ The parsed `argparse.Namespace` is also what every API-server process receives (
 once at spawn), so it carries plain values only. Attributes API servers read:
 `model` (None = the embedded default model), `tokenizer`, `served_model_name`, `api_key`,
 `max_model_len`, `host`, `port`, `api_server_count`, `data_parallel_size`,
-`shutdown_timeout`, `uvicorn_log_level`, `max_num_queued_requests`, `max_request_body_bytes`.
+`shutdown_timeout`, `uvicorn_log_level`, `max_num_queued_requests`, `max_request_body_bytes`,
+`engine_stall_timeout`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from typing import Any
 
 from shoal.config import (
-    DEVICES,
-    DTYPES,
-    LOAD_FORMATS,
     CacheConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
     ShoalConfig,
 )
+from shoal.engine_args import add_engine_args, add_model_args
+from shoal.engine_args import config_default as _default
 
 # Seconds SIGINT / SIGTERM give in-flight requests to finish before they are aborted.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
+# Busy engines send at least one message a second (a heartbeat between steps), so only a
+# step that runs this long looks hung: generous for a big prefill on a CPU.
+DEFAULT_ENGINE_STALL_TIMEOUT_S = 120.0
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-
-
-def _default(cls: type, name: str) -> Any:
-    """The default of dataclass field `name`, so CLI defaults never drift from the config."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.default
-    raise KeyError(f"{cls.__name__} has no field {name!r}")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -49,7 +42,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     _add_server_args(parser.add_argument_group("server"))
     _add_model_args(parser.add_argument_group("model"))
-    _add_engine_args(parser.add_argument_group("engine"))
+    add_engine_args(parser.add_argument_group("engine"))
     return parser
 
 
@@ -90,6 +83,13 @@ def _add_server_args(g: argparse._ArgumentGroup) -> None:
         "(default: $SHOAL_ENGINE_READY_TIMEOUT_S or 600)",
     )
     g.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=DEFAULT_ENGINE_STALL_TIMEOUT_S,
+        help="seconds an engine holding requests may send nothing before the API servers "
+        "declare it hung (/health 503, its requests fail); 0 = never (default: %(default)s)",
+    )
+    g.add_argument(
         "--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1 routes"
     )
     g.add_argument(
@@ -119,80 +119,12 @@ def _add_model_args(g: argparse._ArgumentGroup) -> None:
         default=_default(ModelConfig, "served_model_name"),
         help="the name clients put in `model` (default: derived from MODEL)",
     )
-    g.add_argument(
-        "--tokenizer",
-        default=_default(ModelConfig, "tokenizer"),
-        help="tokenizer source when it differs from MODEL",
-    )
-    g.add_argument(
-        "--dtype",
-        default=_default(ModelConfig, "dtype"),
-        choices=DTYPES,
-        help="weight and activation dtype (default: %(default)s)",
-    )
-    g.add_argument(
-        "--load-format",
-        default=_default(ModelConfig, "load_format"),
-        choices=LOAD_FORMATS,
-        help="how to load weights; dummy = random weights (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        default=_default(ModelConfig, "max_model_len"),
-        help="context length (default: the model's own)",
-    )
-    g.add_argument(
-        "--device",
-        default=_default(ModelConfig, "device"),
-        choices=DEVICES,
-        help="device the model runs on (default: %(default)s)",
-    )
+    add_model_args(g)
     g.add_argument(
         "--seed",
         type=int,
         default=_default(ModelConfig, "seed"),
         help="random seed of dummy weights and unseeded sampling (default: %(default)s)",
-    )
-
-
-def _add_engine_args(g: argparse._ArgumentGroup) -> None:
-    g.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=_default(SchedulerConfig, "max_num_seqs"),
-        help="cap on running sequences per engine (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=_default(SchedulerConfig, "max_num_batched_tokens"),
-        help="token budget of one engine step (default: %(default)s)",
-    )
-    g.add_argument(
-        "--block-size",
-        type=int,
-        default=_default(CacheConfig, "block_size"),
-        help="tokens per KV-cache block (default: %(default)s)",
-    )
-    g.add_argument(
-        "--num-blocks",
-        type=int,
-        default=_default(CacheConfig, "num_blocks"),
-        help="exact number of KV blocks (overrides --kv-cache-memory-bytes)",
-    )
-    g.add_argument(
-        "--kv-cache-memory-bytes",
-        type=int,
-        default=_default(CacheConfig, "kv_cache_memory_bytes"),
-        help="memory given to each engine's KV cache (default: %(default)s)",
-    )
-    g.add_argument(
-        "--no-enable-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_false",
-        default=_default(CacheConfig, "enable_prefix_caching"),
-        help="turn prefix caching off",
     )
 
 
@@ -246,6 +178,10 @@ def _check_server_args(args: argparse.Namespace) -> None:
     if args.engine_ready_timeout is not None and args.engine_ready_timeout <= 0:
         raise ValueError(
             f"--engine-ready-timeout: must be positive, got {args.engine_ready_timeout}"
+        )
+    if args.engine_stall_timeout < 0:
+        raise ValueError(
+            f"--engine-stall-timeout: must be non-negative, got {args.engine_stall_timeout}"
         )
     if args.max_request_body_bytes < 1:
         raise ValueError(

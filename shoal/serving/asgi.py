@@ -1,11 +1,11 @@
 """A small raw-ASGI application core: routing, JSON/SSE responses, OpenAI error bodies, disconnects.
 
-Each HTTP request: read the whole body (at most `App.max_body_bytes`: 413 as soon as the
-declared or received size exceeds it), run the route's guard (API key), take an admission
-place for generation routes (503 + Retry-After when the run is full), then run the handler
-and a disconnect watcher side by side. A client that goes away cancels the handler, whose generators abort their engine
-requests in `finally`. Errors map to OpenAI's body `{"error": {message, type, param, code}}`;
-no traceback ever reaches a client.
+Each HTTP request: run the route's guard on the headers (API key), read the whole body (at
+most `App.max_body_bytes`: 413 as soon as the declared or received size exceeds it), take
+an admission place for generation routes (503 + Retry-After when the run is full), then run
+the handler and a disconnect watcher side by side. A client that goes away cancels the
+handler, whose generators abort their engine requests in `finally`. Errors map to OpenAI's
+body `{"error": {message, type, param, code}}`; no traceback ever reaches a client.
 """
 
 from __future__ import annotations
@@ -243,6 +243,13 @@ class App:
             await Response(error_body(status, message), status).send(send)
             return
         key = (scope["method"], scope["path"])
+        guard = self._guards.get(key)
+        try:
+            if guard is not None:
+                guard(Request(scope, b""))  # headers only: refuse before reading any body
+        except HTTPError as e:
+            await e.response().send(send)
+            return
         body = await _read_body(scope, receive, self.max_body_bytes)
         if body is None:
             return  # disconnected while sending the body
@@ -250,13 +257,6 @@ class App:
             await body.response().send(send)
             return
         request = Request(scope, body)
-        guard = self._guards.get(key)
-        try:
-            if guard is not None:
-                guard(request)
-        except HTTPError as e:
-            await e.response().send(send)
-            return
         admission = self.admission if key in self._admitted else None
         if admission is not None and not admission.try_acquire():
             retry = [(b"retry-after", str(RETRY_AFTER_S).encode())]

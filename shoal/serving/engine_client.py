@@ -67,7 +67,12 @@ class EngineClient:
     (async) until every engine's EngineReady arrived; `start()` begins delivering outputs.
     """
 
-    def __init__(self, client_config: dict[str, Any], num_engines: int) -> None:
+    def __init__(
+        self,
+        client_config: dict[str, Any],
+        num_engines: int,
+        stall_timeout_s: float | None = None,
+    ) -> None:
         for key in ("input_address", "output_address"):
             if not client_config.get(key):
                 raise ValueError(f"client_config: {key} is required")
@@ -108,6 +113,10 @@ class EngineClient:
         self._live_fds: set[int] = set()
         self.dead_reason: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Stall watchdog: an engine holding requests of ours that sends nothing (outputs or
+        # heartbeats, at least every HEARTBEAT_S while busy) for `stall_timeout_s` is hung.
+        self.stall_timeout_s = stall_timeout_s
+        self._last_heard = [0.0] * num_engines
         self._on_outputs: OutputsHandler | None = None
         self._on_dead: DeadHandler | None = None
 
@@ -158,6 +167,8 @@ class EngineClient:
         ]
         if self._stats_socket is not None:
             self._tasks.append(asyncio.create_task(self._stats_loop(), name="dp-stats"))
+        if self.stall_timeout_s is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog_loop(), name="stall-watchdog"))
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -179,6 +190,8 @@ class EngineClient:
         self._check_alive()
         identity = engine_identity(engine)
         for request in requests:
+            if self.num_in_flight[engine] == 0:
+                self._last_heard[engine] = time.monotonic()  # idle time is not a stall
             self._owner[request.request_id] = engine
             self.num_in_flight[engine] += 1
             try:
@@ -229,6 +242,8 @@ class EngineClient:
             except WIRE_DECODE_ERRORS as e:
                 logger.error("dropped a malformed engine output frame: %s", e)
                 continue
+            if 0 <= outputs.engine_index < self.num_engines:
+                self._last_heard[outputs.engine_index] = time.monotonic()
             self._forget([o.request_id for o in outputs.outputs if o.finish_reason is not None])
             try:
                 assert self._on_outputs is not None
@@ -248,6 +263,21 @@ class EngineClient:
                 self._live_fds.discard(fd)
                 if self.engines and len(self._live_fds) < self.num_engines:
                     self._mark_dead("lost the connection to an engine core (process died?)")
+
+    async def _watchdog_loop(self) -> None:
+        assert self.stall_timeout_s is not None
+        period = min(max(self.stall_timeout_s / 4, 0.05), 1.0)
+        while self.dead_reason is None:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for k in range(self.num_engines):
+                silent_s = now - self._last_heard[k]
+                if self.num_in_flight[k] > 0 and silent_s > self.stall_timeout_s:
+                    self._mark_dead(
+                        f"engine {k} made no progress for {silent_s:.1f} s with "
+                        f"{self.num_in_flight[k]} request(s) in flight (--engine-stall-timeout)"
+                    )
+                    return
 
     async def _stats_loop(self) -> None:
         assert self._stats_socket is not None

@@ -42,6 +42,9 @@ logger = init_logger(__name__)
 
 # How long an idle engine blocks on its input queue before it looks at the shutdown flag.
 _IDLE_WAIT_S = 0.2
+# Longest an API server with requests here goes without a message from a busy engine; its
+# stall watchdog (--engine-stall-timeout, many times this) relies on it.
+HEARTBEAT_S = 1.0
 
 
 class EngineCoreProc:
@@ -69,6 +72,9 @@ class EngineCoreProc:
         self.io = EngineIO(engine_index)
         # request_id -> client_index, for every request the core holds.
         self.request_clients: dict[str, int] = {}
+        # client_index -> when it last got outputs from us (monotonic), for heartbeats.
+        self._last_sent: dict[int, float] = {}
+        self._heartbeat_due = 0.0
         self.shutdown_requested = False
         # The main thread's own socket: EngineLoad to the DP coordinator (M > 1 only).
         self._load_socket: zmq.Socket | None = None
@@ -177,7 +183,9 @@ class EngineCoreProc:
         self.io.send(request.client_index, outputs)
 
     def _dispatch(self, step_outputs: EngineCoreOutputs) -> None:
-        """Send a step's outputs, one EngineCoreOutputs per API server that has any."""
+        """Send a step's outputs, one EngineCoreOutputs per API server that has any. An API
+        server with requests here but no outputs for `HEARTBEAT_S` gets the step's stats alone
+        (a heartbeat: its stall watchdog sees the engine is making progress)."""
         by_client: dict[int, list[EngineCoreOutput]] = defaultdict(list)
         for output in step_outputs.outputs:
             if output.finished:
@@ -194,6 +202,24 @@ class EngineCoreProc:
                 timestamp=step_outputs.timestamp,
             )
             self.io.send(client_index, grouped)
+        now = time.monotonic()
+        for client_index in by_client:
+            self._last_sent[client_index] = now
+        if now < self._heartbeat_due:
+            return
+        # Scanning the clients of every request costs O(requests): twice a heartbeat period
+        # is often enough (a client hears from us at least every 1.5 * HEARTBEAT_S).
+        self._heartbeat_due = now + HEARTBEAT_S / 2
+        for client_index in set(self.request_clients.values()) - by_client.keys():
+            if now - self._last_sent.get(client_index, 0.0) >= HEARTBEAT_S:
+                heartbeat = EngineCoreOutputs(
+                    engine_index=self.engine_index,
+                    outputs=[],
+                    scheduler_stats=step_outputs.scheduler_stats,
+                    timestamp=step_outputs.timestamp,
+                )
+                self.io.send(client_index, heartbeat)
+                self._last_sent[client_index] = now
 
     def _abort_all(self) -> None:
         """Abort what is left and deliver the ABORT outputs (the last step of a shutdown)."""

@@ -26,3 +26,21 @@ def run_engine_core_failing_on_boom(*args: Any) -> None:
 def exit_with_code_3() -> None:
     """A child that dies at once (stands in for an API server failing during start-up)."""
     raise SystemExit(3)
+
+
+def run_engine_core_hanging_on_hang(*args: Any) -> None:
+    """`run_engine_core`, except that a step holding a request whose id contains "hang" never
+    returns (the stand-in for a wedged kernel or a deadlock); SIGKILL ends it."""
+    import time
+
+    from shoal.core.engine_core import EngineCore
+
+    real_step = EngineCore.step
+
+    def step(self: EngineCore) -> Any:
+        while any("hang" in rid for rid in self.scheduler.requests):
+            time.sleep(0.1)
+        return real_step(self)
+
+    EngineCore.step = step  # type: ignore[method-assign]
+    run_engine_core(*args)

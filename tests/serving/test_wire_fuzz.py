@@ -6,6 +6,7 @@ coordinator's load table drop them without raising at all."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 from typing import Any
 
@@ -85,11 +86,9 @@ VALID = [
 
 
 def _decode_all(frame: bytes) -> None:
-    for type_, dec in DECODERS.items():
-        try:
+    for dec in DECODERS.values():
+        with contextlib.suppress(*WIRE_DECODE_ERRORS):
             dec.decode(frame)
-        except WIRE_DECODE_ERRORS:
-            pass
 
 
 @FUZZ

@@ -1,0 +1,102 @@
+"""The model and engine flags shared by `shoal serve`, `shoal generate` and `shoal chat`.
+
+Defaults come from the config dataclasses' fields, so the CLI never drifts from the config.
+Torch-free and cheap to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import msgspec
+
+from shoal.config import DEVICES, DTYPES, LOAD_FORMATS, CacheConfig, ModelConfig, SchedulerConfig
+
+ArgGroup = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def config_default(cls: type, name: str) -> Any:
+    """The default of field `name` of a config dataclass or msgspec struct."""
+    fields: Any = (
+        dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else msgspec.structs.fields(cls)
+    )
+    for f in fields:
+        if f.name == name:
+            return f.default
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def add_model_args(g: ArgGroup) -> None:
+    """--tokenizer, --dtype, --load-format, --max-model-len, --device."""
+    g.add_argument(
+        "--tokenizer",
+        default=config_default(ModelConfig, "tokenizer"),
+        help="tokenizer source when it differs from the model",
+    )
+    g.add_argument(
+        "--dtype",
+        default=config_default(ModelConfig, "dtype"),
+        choices=DTYPES,
+        help="weight and activation dtype (default: %(default)s)",
+    )
+    g.add_argument(
+        "--load-format",
+        default=config_default(ModelConfig, "load_format"),
+        choices=LOAD_FORMATS,
+        help="how to load weights; dummy = random weights (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=config_default(ModelConfig, "max_model_len"),
+        help="context length (default: the model's own)",
+    )
+    g.add_argument(
+        "--device",
+        default=config_default(ModelConfig, "device"),
+        choices=DEVICES,
+        help="device the model runs on (default: %(default)s)",
+    )
+
+
+def add_engine_args(g: ArgGroup) -> None:
+    """Scheduler and KV-cache flags."""
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=config_default(SchedulerConfig, "max_num_seqs"),
+        help="cap on running sequences per engine (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=config_default(SchedulerConfig, "max_num_batched_tokens"),
+        help="token budget of one engine step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=config_default(CacheConfig, "block_size"),
+        help="tokens per KV-cache block (default: %(default)s)",
+    )
+    g.add_argument(
+        "--num-blocks",
+        type=int,
+        default=config_default(CacheConfig, "num_blocks"),
+        help="exact number of KV blocks (overrides --kv-cache-memory-bytes)",
+    )
+    g.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=config_default(CacheConfig, "kv_cache_memory_bytes"),
+        help="memory given to each engine's KV cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=config_default(CacheConfig, "enable_prefix_caching"),
+        help="turn prefix caching off",
+    )
