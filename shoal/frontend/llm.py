@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from shoal.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, ShoalConfig
+from shoal.engine_args import config_default as _default
 from shoal.frontend.output_processor import OutputProcessor
 from shoal.frontend.outputs import RequestOutput, RequestOutputKind
 from shoal.frontend.processor import InputProcessor, ProcessedRequest, PromptType
@@ -28,10 +29,6 @@ _SECTIONS: dict[str, type] = {
     "scheduler": SchedulerConfig,
     "parallel": ParallelConfig,
 }
-
-
-def _default(cls: type, name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def build_config(**settings: Any) -> ShoalConfig:
@@ -131,6 +128,8 @@ class LLM:
         seed: int = _default(ModelConfig, "seed"),
         **kwargs: Any,
     ) -> None:
+        # Offline there are no API-server processes to leave a CPU core for.
+        kwargs.setdefault("api_server_count", 0)
         self.config = build_config(
             model=model,
             dtype=dtype,

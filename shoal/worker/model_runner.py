@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from shoal.config import ShoalConfig
+from shoal.config import ParallelConfig, ShoalConfig
 from shoal.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from shoal.logger import init_logger
 from shoal.model.arch import ArchConfig, arch_from_source
@@ -41,7 +41,7 @@ class ModelRunner:
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         if self.device.type == "cpu":
-            _set_cpu_threads(config.parallel.data_parallel_size)
+            torch.set_num_threads(cpu_threads(config.parallel))
         source = resolve_model(config.model.model)
         self.arch: ArchConfig = arch_from_source(source)
         self.max_model_len = _max_model_len(config.model.max_model_len, self.arch)
@@ -233,13 +233,17 @@ def _max_model_len(requested: int | None, arch: ArchConfig) -> int:
     return requested
 
 
-def _set_cpu_threads(data_parallel_size: int) -> None:
-    """Torch threads: the cores this process may use, less one left to the API-server
-    processes, shared among the data-parallel engines; at least one. An explicit
-    OMP_NUM_THREADS wins. (On 2 shared cores one thread beat two: spare cores, not threads,
-    are what a busy API server needs.)"""
+def cpu_threads(parallel: ParallelConfig) -> int:
+    """Torch threads for one engine: the cores this process may use, less one left to the API
+    servers when `parallel.api_server_count > 0`, shared among the data-parallel engines; at
+    least one. An explicit OMP_NUM_THREADS wins.
+
+    Offline (`LLM` sets api_server_count=0) every core computes: the step is matmul-bound, so on 2 cores two threads
+    cut the offline benchmark's time (see docs/engine-runner.md, Performance). Serving keeps a
+    core free: on 2 shared cores one engine thread beat two once the API server was busy."""
     if "OMP_NUM_THREADS" in os.environ:
-        return
+        return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    usable = max(1, (cores or 1) - 1)
-    torch.set_num_threads(max(1, usable // max(1, data_parallel_size)))
+    reserved = 1 if parallel.api_server_count > 0 else 0
+    usable = max(1, (cores or 1) - reserved)
+    return max(1, usable // parallel.data_parallel_size)

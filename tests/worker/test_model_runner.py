@@ -4,13 +4,14 @@ seeds independent of batching and preemption, min_tokens, and its configuration 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from shoal.config import CacheConfig, ModelConfig, SchedulerConfig, ShoalConfig
+from shoal.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, ShoalConfig
 from shoal.core.scheduler_output import SchedulerOutput
-from shoal.worker.model_runner import ModelRunner
+from shoal.worker.model_runner import ModelRunner, cpu_threads
 from tests.model.tiny_hf import VOCAB, make_hf_model, save_hf_model
 from tests.worker.runner_driver import RunnerDriver
 
@@ -155,3 +156,16 @@ def test_buffers_and_rows_grow_past_configured_limits(checkpoint) -> None:
         return {r: req.outputs for r, req in driver.run().items()}
 
     assert greedy(4, 1) == greedy(256, 8)
+
+
+def test_cpu_thread_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    serving = ParallelConfig(data_parallel_size=2, api_server_count=1)
+    assert cpu_threads(serving) == 3  # (8 - 1) // 2: one core left to the API servers
+    offline = ParallelConfig(data_parallel_size=2, api_server_count=0)
+    assert cpu_threads(offline) == 4  # offline: every core
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cpu_threads(ParallelConfig(data_parallel_size=4)) == 1  # at least one
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(serving) == torch.get_num_threads()  # left as torch set it
