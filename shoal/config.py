@@ -35,8 +35,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "--dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        _check(self.load_format in LOAD_FORMATS, "--load-format",
-               f"must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        _check(
+            self.load_format in LOAD_FORMATS,
+            "--load-format",
+            f"must be one of {LOAD_FORMATS}, got {self.load_format!r}",
+        )
         _check(self.device in DEVICES, "--device", f"must be one of {DEVICES}, got {self.device!r}")
         if self.max_model_len is not None:
             _check(self.max_model_len > 0, "--max-model-len", "must be positive")
@@ -53,8 +56,11 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
-               "--block-size", "must be a positive power of two")
+        _check(
+            self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+            "--block-size",
+            "must be a positive power of two",
+        )
         _check(self.kv_cache_memory_bytes > 0, "--kv-cache-memory-bytes", "must be positive")
         if self.num_blocks is not None:
             _check(self.num_blocks > 0, "--num-blocks", "must be positive")

@@ -46,10 +46,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             _require(self.max_tokens >= 1, "max_tokens", "must be at least 1")
         _require(self.min_tokens >= 0, "min_tokens", "must be non-negative")
         if self.max_tokens is not None:
-            _require(self.min_tokens <= self.max_tokens, "min_tokens",
-                     "must not exceed max_tokens")
-        _require(all(isinstance(s, str) and s for s in self.stop), "stop",
-                 "must be non-empty strings")
+            _require(self.min_tokens <= self.max_tokens, "min_tokens", "must not exceed max_tokens")
+        _require(
+            all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"
+        )
         if self.logprobs is not None:
             _require(0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
 

@@ -1,0 +1,157 @@
+"""Where an engine step's CPU time goes: prefill and decode cost per token, and a breakdown of
+decode steps (matmuls, attention, LM head, sampling, input preparation, scheduler, Python).
+
+    python benchmarks/profile_engine_step.py                  # default model, batch 1 and 64
+    python benchmarks/profile_engine_step.py --tiny --batch 64
+
+Runs the offline engine (shoal's `LLM`, the same `EngineCore.step()` the server runs) in this
+process and measures with the thread's CPU clock (`time.thread_time`, also cProfile's timer),
+so other work on the machine slows the run down but hardly changes the figures. cProfile
+adds about a microsecond per Python call, which inflates the Python share somewhat; the
+un-profiled step CPU is reported beside it. Random token-id prompts, greedy, ignore_eos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from shoal import LLM, SamplingParams  # noqa: E402
+
+# Buckets of decode-step CPU time: (label, functions whose cumulative time counts, by
+# "file:function" suffix). Measured in this order; each is a disjoint part of the step.
+BUCKETS = [
+    ("attention (paged_attention)", ["attention.py:paged_attention"]),
+    ("LM head (compute_logits)", ["llama.py:compute_logits"]),
+    ("sampling (sample)", ["sampler.py:sample"]),
+    (
+        "input preparation (_prepare_inputs, _update_states)",
+        ["model_runner.py:_prepare_inputs", "model_runner.py:_update_states"],
+    ),  # fmt: skip
+    (
+        "scheduler (schedule, update_from_output)",
+        ["scheduler.py:schedule", "scheduler.py:update_from_output"],
+    ),  # fmt: skip
+    ("output processing (detokenize, OutputProcessor)", ["output_processor.py:process_outputs"]),
+]
+
+
+def random_prompts(vocab_size: int, count: int, length: int, rng: random.Random) -> list[Any]:
+    return [{"prompt_token_ids": [rng.randrange(3, vocab_size) for _ in range(length)]}
+            for _ in range(count)]  # fmt: skip
+
+
+def cpu_of(llm: LLM, prompts: list[Any], max_tokens: int) -> float:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    start = time.thread_time()
+    llm.generate(prompts, params, use_tqdm=False)
+    return time.thread_time() - start
+
+
+def _cumtime(stats: pstats.Stats, suffix: str) -> float:
+    total = 0.0
+    for (filename, _line, name), row in stats.stats.items():  # type: ignore[attr-defined]
+        if f"{os.path.basename(filename)}:{name}" == suffix:
+            total += row[3]
+    return total
+
+
+def _forward_time(stats: pstats.Stats) -> float:
+    """Cumulative time of the model's top-level forward (not the layers' `forward`s)."""
+    import inspect
+
+    from shoal.model.llama import LlamaForCausalLM
+
+    line = inspect.getsourcelines(LlamaForCausalLM.forward)[1]
+    for (filename, lineno, name), row in stats.stats.items():  # type: ignore[attr-defined]
+        if filename.endswith("llama.py") and name == "forward" and lineno == line:
+            return float(row[3])
+    return 0.0
+
+
+def _builtin_torch_time(stats: pstats.Stats) -> float:
+    """tottime of C functions of torch (ops): what is left of a step is Python."""
+    total = 0.0
+    for (filename, _line, name), row in stats.stats.items():  # type: ignore[attr-defined]
+        if filename == "~" and ("torch" in name or "Tensor" in name):
+            total += row[2]
+    return total
+
+
+def profile_batch(llm: LLM, batch: int, args: argparse.Namespace, rng: random.Random) -> None:
+    vocab = llm.get_tokenizer().vocab_size
+    # Warm up (first-call allocations), then prefill alone, then prefill + decode.
+    cpu_of(llm, random_prompts(vocab, batch, args.input_len, rng), 2)
+    prefill_s = cpu_of(llm, random_prompts(vocab, batch, args.input_len, rng), 1)
+    full_s = cpu_of(llm, random_prompts(vocab, batch, args.input_len, rng), 1 + args.output_len)
+    decode_step_s = (full_s - prefill_s) / args.output_len
+    print(f"\n== batch {batch}: {args.input_len} in, {args.output_len} decode steps")
+    print(f"prefill: {prefill_s / (batch * args.input_len) * 1e3:.3f} ms CPU per prompt token")
+    print(f"decode:  {decode_step_s * 1e3:.1f} ms CPU per step = "
+          f"{decode_step_s / batch * 1e3:.2f} ms per token (no profiler)")  # fmt: skip
+    # Profile prefill + decode, then subtract a prefill-only profile: the difference covers
+    # the decode steps only.
+    decode = _profiled(llm, random_prompts(vocab, batch, args.input_len, rng), args.output_len + 1)
+    prefill = _profiled(llm, random_prompts(vocab, batch, args.input_len, rng), 1)
+    step_total = _cumtime(decode, "engine_core.py:step") - _cumtime(prefill, "engine_core.py:step")
+    steps = args.output_len
+    print(f"profiled decode step: {step_total / steps * 1e3:.1f} ms CPU; of which")
+    accounted = 0.0
+    for label, suffixes in BUCKETS:
+        value = sum(_cumtime(decode, s) - _cumtime(prefill, s) for s in suffixes)
+        accounted += value
+        print(f"  {value / step_total:6.1%}  {value / steps * 1e3:7.2f} ms  {label}")
+    forward = _forward_time(decode) - _forward_time(prefill)
+    print(f"  {forward / step_total:6.1%}  {forward / steps * 1e3:7.2f} ms  model forward "
+          "(layers; includes the attention above)")  # fmt: skip
+    torch_s = _builtin_torch_time(decode) - _builtin_torch_time(prefill)
+    total = decode.total_tt - prefill.total_tt  # type: ignore[attr-defined]
+    print(
+        f"  torch ops (C) {torch_s / total:.1%} of the decode CPU; Python {1 - torch_s / total:.1%}"
+    )
+    if args.top:
+        decode.sort_stats("tottime").print_stats(args.top)
+
+
+def _profiled(llm: LLM, prompts: list[Any], max_tokens: int) -> pstats.Stats:
+    profiler = cProfile.Profile(time.thread_time)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    profiler.runcall(llm.generate, prompts, params, use_tqdm=False)
+    return pstats.Stats(profiler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="default: the default model")
+    p.add_argument("--tiny", action="store_true", help="the tiny random model of the tests")
+    p.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=32, help="decode steps measured")
+    p.add_argument("--top", type=int, default=0, help="also print the top-N functions")
+    args = p.parse_args(argv)
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, load_format = args.model, "auto"
+        if args.tiny:
+            from tests.helpers import make_tiny_model_dir
+
+            model, load_format = make_tiny_model_dir(os.path.join(tmp, "tiny")), "dummy"
+        llm = LLM(model, load_format=load_format, max_model_len=1024, num_blocks=2048)
+        print(f"model {model or 'default'}; torch threads {__import__('torch').get_num_threads()}")
+        for batch in (int(b) for b in args.batch.split(",")):
+            profile_batch(llm, batch, args, rng)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The serving benchmark in one command: starts each server, times it to /health 200, runs the
+workloads with the `shoal bench serve` load generator (in this process), samples CPU seconds
+and peak RSS per process role, times SIGTERM to every process gone, and writes JSON plus a
+markdown table (with the issue-6 targets checked) to --out-dir.
+
+    python benchmarks/run_serving.py                # everything (about 10 minutes on 2 cores)
+    python benchmarks/run_serving.py --quick        # a smoke run: short prompts, few requests
+    python benchmarks/run_serving.py --only tiny,bare --profile
+
+Servers (in this order): the bare-uvicorn baseline (1 and 2 workers), `shoal serve` on a
+tiny random-weight model (2 layers, hidden 64, the default tokenizer; 1 and 2 API servers),
+`shoal serve` on the default model. Engine-side baseline: benchmarks/offline_throughput.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from shoal.bench.procs import OtherLoad, ServerProcess, free_port, measure_other_load  # noqa: E402
+from shoal.bench.report import markdown_report  # noqa: E402
+from shoal.bench.serve import BenchConfig, Hooks, run_benchmark  # noqa: E402
+from shoal.bench_cli import json_safe  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Workload:
+    concurrency: int
+    num_prompts: int
+    input_len: int
+    output_len: int
+
+
+@dataclass
+class ServerSpec:
+    name: str  # "bare-1", "tiny-1", "tiny-2", "default-1"
+    kind: str  # "bare" or "shoal"
+    model_label: str
+    num_api_servers: int
+    workloads: list[Workload]
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 300.0
+
+
+def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
+    """The servers and workloads of this run (`--quick` shrinks every workload)."""
+    n_in, n_out = (32, 32) if args.quick else (args.input_len, args.output_len)
+
+    def wl(concurrency: int, full: int, quick: int) -> Workload:
+        num_prompts = args.num_prompts or (quick if args.quick else full)
+        return Workload(concurrency, num_prompts, n_in, n_out)
+
+    stream = [wl(64, 512, 128)]
+    tiny_flags = [tiny_dir, "--load-format", "dummy", "--num-blocks", "4096"]
+    specs = [
+        ServerSpec("bare-1", "bare", "none (bare uvicorn)", 1, stream),
+        ServerSpec("bare-2", "bare", "none (bare uvicorn)", 2, stream),
+        ServerSpec("tiny-1", "shoal", "tiny random (2 layers, hidden 64)", 1, stream, tiny_flags),
+        ServerSpec("tiny-2", "shoal", "tiny random (2 layers, hidden 64)", 2, stream, tiny_flags),
+        ServerSpec(
+            "default-1",
+            "shoal",
+            "SmolLM2-135M-Instruct Q4_1 (default)",
+            1,
+            [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)],
+        ),
+    ]
+    if args.concurrency:
+        wanted = {int(c) for c in args.concurrency.split(",")}
+        for spec in specs:
+            spec.workloads = [w for w in spec.workloads if w.concurrency in wanted]
+    only = {s.strip() for s in args.only.split(",")} if args.only else None
+    return [
+        s
+        for s in specs
+        if s.workloads and (only is None or s.name in only or s.name.split("-")[0] in only)
+    ]
+
+
+def server_argv(spec: ServerSpec, host: str, port: int) -> list[str]:
+    if spec.kind == "bare":
+        script = os.path.join(REPO, "benchmarks", "bare_uvicorn.py")
+        return [
+            sys.executable,
+            script,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            str(spec.num_api_servers),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "shoal.cli",
+        "serve",
+        *spec.extra_args,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--api-server-count",
+        str(spec.num_api_servers),
+    ]
+
+
+def wait_until_quiet(args: argparse.Namespace, exclude: list[int]) -> float:
+    """Wait (up to --quiet-timeout) until the rest of the machine uses less than
+    --quiet-cores; returns the last measured other load in cores."""
+    deadline = time.monotonic() + args.quiet_timeout
+    while True:
+        cores = measure_other_load(2.0, exclude)
+        if cores < args.quiet_cores or time.monotonic() > deadline:
+            return cores
+        print(f"  machine busy ({cores:.2f} cores used by other work); waiting", flush=True)
+        time.sleep(5.0)
+
+
+class _Window:
+    """Hooks that sample the server's CPU per role (and everyone else's) over exactly the
+    measured requests; optionally py-spy records every API server and engine meanwhile."""
+
+    def __init__(self, server: ServerProcess, profile_dir: str | None, tag: str) -> None:
+        self.server, self.profile_dir, self.tag = server, profile_dir, tag
+        self.other = OtherLoad()
+        self.cpu0: dict[str, float] = {}
+        self.cpu1: dict[str, float] = {}
+        self.other_cpu_s = 0.0
+        self.recordings: list[Any] = []
+        self.wall0 = self.wall1 = 0.0
+
+    def hooks(self) -> Hooks:
+        return Hooks(self.start, self.end)
+
+    def start(self) -> None:
+        self.cpu0 = self.server.cpu_by_role()
+        self.other.start(self.server.processes())
+        if self.profile_dir:
+            from shoal.bench import pyspy
+
+            for pid, (role, _) in self.server.processes().items():
+                if role.startswith(("ApiServer", "EngineCore", "Worker")):
+                    path = os.path.join(self.profile_dir, f"{self.tag}-{role}.folded")
+                    self.recordings.append((role, pyspy.record(pid, path)))
+        self.wall0 = time.perf_counter()
+
+    def end(self) -> None:
+        self.wall1 = time.perf_counter()
+        self.cpu1 = self.server.cpu_by_role()
+        self.other_cpu_s = self.other.stop(self.server.processes())
+        for _, recording in self.recordings:
+            recording.stop()
+
+    def profiles(self) -> dict[str, Any]:
+        from shoal.bench import pyspy
+
+        return {
+            role: pyspy.summarize_folded(rec.path)
+            for role, rec in self.recordings
+            if os.path.exists(rec.path)
+        }
+
+
+def run_workload(
+    args: argparse.Namespace, spec: ServerSpec, server: ServerProcess, workload: Workload
+) -> dict[str, Any]:
+    quiet = wait_until_quiet(args, list(server.processes()))
+    tag = f"{spec.name}-c{workload.concurrency}"
+    window = _Window(server, args.profile_dir, tag)
+    config = BenchConfig(
+        base_url=server.base_url,
+        num_prompts=workload.num_prompts,
+        input_len=workload.input_len,
+        output_len=workload.output_len,
+        max_concurrency=workload.concurrency,
+        ignore_eos=True,
+        seed=args.seed,
+        prompt_format=args.prompt_format,
+    )
+    load_before = os.getloadavg()[0]
+    summary = run_benchmark(config, window.hooks())
+    duration, tokens = summary["duration"], summary["total_output_tokens"]
+    role_cpu = {r: window.cpu1.get(r, 0.0) - window.cpu0.get(r, 0.0) for r in window.cpu1}
+    result = {
+        "server": spec.name,
+        "workload": workload.__dict__,
+        "summary": summary,
+        "role_cpu_s": role_cpu,
+        "role_cpu_us_per_token": {
+            r: c / tokens * 1e6 if tokens else None for r, c in role_cpu.items()
+        },
+        "role_cpu_util": {r: c / duration for r, c in role_cpu.items()},
+        "other_cpu_cores": window.other_cpu_s / duration,
+        "other_cpu_cores_before": quiet,
+        "loadavg_1m_before": load_before,
+        "loadavg_1m_after": os.getloadavg()[0],
+    }
+    if args.profile_dir:
+        result["profiles"] = window.profiles()
+    print(
+        f"  {tag}: {summary['output_throughput']:.0f} out tok/s, TTFT p50 "
+        f"{summary['median_ttft_ms']:.0f} ms, {summary['failed']} failed, other work "
+        f"{result['other_cpu_cores']:.2f} cores",
+        flush=True,
+    )
+    return result
+
+
+def run_server(args: argparse.Namespace, spec: ServerSpec, out_dir: str) -> dict[str, Any]:
+    port = free_port(args.host)
+    log_path = os.path.join(out_dir, f"{spec.name}.log")
+    env = {"SHOAL_NO_USAGE_STATS": "1"}
+    server = ServerProcess(server_argv(spec, args.host, port), args.host, port, log_path, env)
+    print(f"{spec.name}: starting {' '.join(server.argv[1:])}", flush=True)
+    result: dict[str, Any] = {
+        "name": spec.name,
+        "kind": spec.kind,
+        "model": spec.model_label,
+        "num_api_servers": spec.num_api_servers,
+        "argv": server.argv[1:],
+    }
+    try:
+        server.start()
+        server.start_rss_sampler()
+        result["startup_s"] = server.wait_healthy(spec.startup_timeout_s)
+        result["roles"] = sorted({role for role, _ in server.processes().values()})
+        result["workloads"] = [run_workload(args, spec, server, w) for w in spec.workloads]
+        time.sleep(0.5)  # let finished streams settle before the shutdown timing
+        result["sigterm_to_gone_s"], result["exit_code"] = server.stop()
+        result["exit_times_s"] = dict(sorted(server.exit_times_s.items(), key=lambda kv: kv[1]))
+        result["peak_rss_mb"] = {r: b / 2**20 for r, b in sorted(server.peak_rss_bytes.items())}
+        print(
+            f"  startup {result['startup_s']:.2f} s, SIGTERM->gone "
+            f"{result['sigterm_to_gone_s']:.3f} s (exit {result['exit_code']})",
+            flush=True,
+        )
+    except BaseException:
+        server.kill()
+        raise
+    finally:
+        server.kill()
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    import psutil
+
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "cpu_model": platform.processor() or platform.machine(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:
+        pass
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="32 in / 32 out and few requests")
+    p.add_argument("--only", default=None, help="servers to run: bare, tiny, default, tiny-2, ...")
+    p.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--concurrency", default=None, help="workloads to run, e.g. 1,64")
+    p.add_argument("--num-prompts", type=int, default=None, help="requests of every workload")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prompt-format", default="text", choices=("text", "token-ids"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="py-spy every API server and engine")
+    p.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.3,
+        help="before each workload, wait until other work uses less than this",
+    )
+    p.add_argument("--quiet-timeout", type=float, default=300.0, help="...but at most this long")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = os.path.abspath(args.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    run_dir = os.path.join(out_dir, f"serving-{stamp}")
+    os.makedirs(run_dir, exist_ok=True)
+    args.profile_dir = run_dir if args.profile else None
+    from tests.helpers import make_tiny_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        tiny_dir = make_tiny_model_dir(os.path.join(tmp, "tiny-llama"))
+        report: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "quick": args.quick,
+            "prompt_format": args.prompt_format,
+            "machine": machine_info(),
+            "servers": [],
+        }
+        for spec in plan(args, tiny_dir):
+            report["servers"].append(run_server(args, spec, run_dir))
+    json_path = os.path.join(out_dir, f"serving-{stamp}.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(json_safe(report), f, indent=2)
+    md_path = os.path.join(out_dir, f"serving-{stamp}.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(markdown_report(report))
+    print(markdown_report(report))
+    print(f"written: {json_path}, {md_path} (logs and profiles in {run_dir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark tooling: the `shoal bench serve` load generator, its HTTP client and dataset."""
