@@ -35,8 +35,10 @@ def _configure() -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        _RoleFormatter("[%(role)s pid=%(process)d] %(levelname)s %(asctime)s %(name)s: %(message)s",
-                       datefmt="%H:%M:%S")
+        _RoleFormatter(
+            "[%(role)s pid=%(process)d] %(levelname)s %(asctime)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
     )
     root = logging.getLogger("shoal")
     root.addHandler(handler)
