@@ -51,11 +51,13 @@ def random_prompts(vocab_size: int, count: int, length: int, rng: random.Random)
             for _ in range(count)]  # fmt: skip
 
 
-def cpu_of(llm: LLM, prompts: list[Any], max_tokens: int) -> float:
+def cpu_of(llm: LLM, prompts: list[Any], max_tokens: int) -> tuple[float, float]:
+    """(CPU seconds of the whole process, wall seconds) of one `generate`; the process clock
+    counts torch's worker threads too (--threads > 1)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
-    start = time.thread_time()
+    cpu, wall = time.process_time(), time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
-    return time.thread_time() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def _cumtime(stats: pstats.Stats, suffix: str) -> float:
@@ -92,13 +94,22 @@ def profile_batch(llm: LLM, batch: int, args: argparse.Namespace, rng: random.Ra
     vocab = llm.get_tokenizer().vocab_size
     # Warm up (first-call allocations), then prefill alone, then prefill + decode.
     cpu_of(llm, random_prompts(vocab, batch, args.input_len, rng), 2)
-    prefill_s = cpu_of(llm, random_prompts(vocab, batch, args.input_len, rng), 1)
-    full_s = cpu_of(llm, random_prompts(vocab, batch, args.input_len, rng), 1 + args.output_len)
+    prefill_s, prefill_wall = cpu_of(llm, random_prompts(vocab, batch, args.input_len, rng), 1)
+    full_s, full_wall = cpu_of(
+        llm, random_prompts(vocab, batch, args.input_len, rng), 1 + args.output_len
+    )
     decode_step_s = (full_s - prefill_s) / args.output_len
+    decode_wall = (full_wall - prefill_wall) / args.output_len
+    num_prompt_tokens = batch * args.input_len
     print(f"\n== batch {batch}: {args.input_len} in, {args.output_len} decode steps")
-    print(f"prefill: {prefill_s / (batch * args.input_len) * 1e3:.3f} ms CPU per prompt token")
-    print(f"decode:  {decode_step_s * 1e3:.1f} ms CPU per step = "
-          f"{decode_step_s / batch * 1e3:.2f} ms per token (no profiler)")  # fmt: skip
+    print(
+        f"prefill: {prefill_s / num_prompt_tokens * 1e3:.3f} ms CPU per prompt token "
+        f"({num_prompt_tokens / prefill_wall:.0f} prompt tok/s wall)"
+    )
+    print(
+        f"decode:  {decode_step_s * 1e3:.1f} ms CPU per step = {decode_step_s / batch * 1e3:.2f} "
+        f"ms per token ({batch / decode_wall:.0f} tok/s wall; no profiler)"
+    )
     # Profile prefill + decode, then subtract a prefill-only profile: the difference covers
     # the decode steps only.
     decode = _profiled(llm, random_prompts(vocab, batch, args.input_len, rng), args.output_len + 1)
@@ -138,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32, help="decode steps measured")
     p.add_argument("--top", type=int, default=0, help="also print the top-N functions")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: what `shoal serve`'s engine uses on 2 cores; the "
+        "profile's breakdown counts the main thread only, so keep 1 for it)",
+    )
     args = p.parse_args(argv)
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
 
             model, load_format = make_tiny_model_dir(os.path.join(tmp, "tiny")), "dummy"
         llm = LLM(model, load_format=load_format, max_model_len=1024, num_blocks=2048)
-        print(f"model {model or 'default'}; torch threads {__import__('torch').get_num_threads()}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(f"model {model or 'default'}; torch threads {torch.get_num_threads()}")
         for batch in (int(b) for b in args.batch.split(",")):
             profile_batch(llm, batch, args, rng)
     return 0
