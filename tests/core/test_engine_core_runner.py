@@ -15,6 +15,7 @@ import pytest
 from shoal.config import CacheConfig, ModelConfig, SchedulerConfig, ShoalConfig
 from shoal.protocol import EngineCoreRequest, FinishReason
 from shoal.sampling_params import SamplingParams
+from tests.helpers import TINY_LLAMA_CONFIG
 
 pytest.importorskip("torch")
 pytest.importorskip("shoal.worker.model_runner")
@@ -22,24 +23,7 @@ pytest.importorskip("shoal.worker.model_runner")
 from shoal.core.engine_core import EngineCore  # noqa: E402
 
 VOCAB = 384
-TINY_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+TINY_CONFIG = {**TINY_LLAMA_CONFIG, "vocab_size": VOCAB, "max_position_embeddings": 256}
 BLOCK_SIZE = 4
 
 
