@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -9,9 +10,15 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import httpx
 
+from shoal.runtime.addresses import get_engine_client_zmq_addr
+from shoal.runtime.managers import APIServerProcessManager
+from shoal.serving.args import config_from_args
+from shoal.serving.engine_proc import CoreEngineProcManager
+from shoal.serving.launcher import bind_listen_socket
 from tests.serving.conftest import TINY_FLAGS, ServeProcess, start_serve
 
 TIMEOUT_S = 60.0
@@ -72,3 +79,47 @@ def sse_payloads(response: httpx.Response) -> Iterator[str]:
     for line in response.iter_lines():
         if line.startswith("data: "):
             yield line[len("data: ") :]
+
+
+@dataclass
+class Topology:
+    """One API server over one engine, wired by hand (no launcher), so the API server stays
+    up after its engine dies and can be observed."""
+
+    url: str
+    api_servers: APIServerProcessManager
+    engines: CoreEngineProcManager
+
+
+def health_status(url: str) -> int:
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code
+    except httpx.TransportError:
+        return 0
+
+
+@contextlib.contextmanager
+def hand_built_topology(
+    args: argparse.Namespace, engine_target: Callable[..., None], engine_grace_s: float
+) -> Iterator[Topology]:
+    """Start `engine_target` as EngineCore_0 and one API server for `args`; shut both down
+    after (the engine gets `engine_grace_s` after SIGTERM before it is killed)."""
+    sock = bind_listen_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    engines = CoreEngineProcManager(
+        config_from_args(args), 1, ready_timeout_s=TIMEOUT_S, target_fn=engine_target
+    )
+    api_servers: APIServerProcessManager | None = None
+    try:
+        inputs = [get_engine_client_zmq_addr(True, "127.0.0.1")]
+        outputs = [get_engine_client_zmq_addr(True, "127.0.0.1")]
+        api_servers = APIServerProcessManager(url, sock, args, 1, inputs, outputs)
+        engines.send_addresses(*api_servers.gather_actual_addresses(TIMEOUT_S))
+        engines.wait_for_ready(TIMEOUT_S)
+        wait_until(lambda: health_status(url) == 200)
+        yield Topology(url, api_servers, engines)
+    finally:
+        if api_servers is not None:
+            api_servers.shutdown(10)
+        engines.shutdown(engine_grace_s)
+        sock.close()

@@ -11,27 +11,22 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from shoal.runtime.addresses import get_engine_client_zmq_addr
-from shoal.runtime.managers import APIServerProcessManager
-from shoal.serving.args import config_from_args, make_serve_parser
-from shoal.serving.engine_proc import CoreEngineProcManager
-from shoal.serving.launcher import bind_listen_socket
-from tests.serving.api_helpers import TIMEOUT_S, sse_payloads, wait_until
+from shoal.serving.args import make_serve_parser
+from tests.serving.api_helpers import (
+    TIMEOUT_S,
+    Topology,
+    hand_built_topology,
+    health_status,
+    sse_payloads,
+    wait_until,
+)
 from tests.serving.conftest import TINY_FLAGS
 
 LONG = {"prompt": "A long answer", "max_tokens": 200, "ignore_eos": True, "stream": True}
-
-
-@dataclass
-class Topology:
-    url: str
-    api_servers: APIServerProcessManager
-    engines: CoreEngineProcManager
 
 
 def run_engine_core_dying_on_boom(*args: object) -> None:
@@ -55,35 +50,11 @@ def run_engine_core_dying_on_boom(*args: object) -> None:
 def topology(tiny_model_dir: str) -> Iterator[Topology]:
     args = make_serve_parser().parse_args([tiny_model_dir, *TINY_FLAGS])
     args.shutdown_timeout = 1.0
-    sock = bind_listen_socket("127.0.0.1", 0)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    engines = CoreEngineProcManager(
-        config_from_args(args),
-        1,
-        ready_timeout_s=TIMEOUT_S,
-        target_fn=run_engine_core_dying_on_boom,
-    )
-    api_servers: APIServerProcessManager | None = None
-    try:
-        inputs = [get_engine_client_zmq_addr(True, "127.0.0.1")]
-        outputs = [get_engine_client_zmq_addr(True, "127.0.0.1")]
-        api_servers = APIServerProcessManager(url, sock, args, 1, inputs, outputs)
-        engines.send_addresses(*api_servers.gather_actual_addresses(TIMEOUT_S))
-        engines.wait_for_ready(TIMEOUT_S)
-        wait_until(lambda: _health(url) == 200)
-        yield Topology(url, api_servers, engines)
-    finally:
-        if api_servers is not None:
-            api_servers.shutdown(10)
-        engines.shutdown(10)
-        sock.close()
+    with hand_built_topology(args, run_engine_core_dying_on_boom, engine_grace_s=10) as t:
+        yield t
 
 
-def _health(url: str) -> int:
-    try:
-        return httpx.get(f"{url}/health", timeout=5).status_code
-    except httpx.TransportError:
-        return 0
+_health = health_status
 
 
 def _stream_in_background(url: str, headers: dict[str, str]) -> tuple[threading.Event, list[str]]:

@@ -11,12 +11,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from shoal.runtime.addresses import get_engine_client_zmq_addr
-from shoal.runtime.managers import APIServerProcessManager
 from shoal.serving.args import config_from_args, make_serve_parser
-from shoal.serving.engine_proc import CoreEngineProcManager
-from shoal.serving.launcher import bind_listen_socket
-from tests.serving.api_helpers import TIMEOUT_S, wait_until
+from tests.serving.api_helpers import TIMEOUT_S, hand_built_topology
 from tests.serving.conftest import TINY_FLAGS
 from tests.serving.engine_faults import run_engine_core_hanging_on_hang
 from tests.serving.test_api_engine_death import _health, _stream_in_background, _wait_for_end
@@ -30,28 +26,9 @@ def url(tiny_model_dir: str) -> Iterator[str]:
     args = make_serve_parser().parse_args([tiny_model_dir, *TINY_FLAGS])
     args.shutdown_timeout = 0.5
     args.engine_stall_timeout = STALL_TIMEOUT_S
-    sock = bind_listen_socket("127.0.0.1", 0)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    engines = CoreEngineProcManager(
-        config_from_args(args),
-        1,
-        ready_timeout_s=TIMEOUT_S,
-        target_fn=run_engine_core_hanging_on_hang,
-    )
-    api_servers: APIServerProcessManager | None = None
-    try:
-        inputs = [get_engine_client_zmq_addr(True, "127.0.0.1")]
-        outputs = [get_engine_client_zmq_addr(True, "127.0.0.1")]
-        api_servers = APIServerProcessManager(url, sock, args, 1, inputs, outputs)
-        engines.send_addresses(*api_servers.gather_actual_addresses(TIMEOUT_S))
-        engines.wait_for_ready(TIMEOUT_S)
-        wait_until(lambda: _health(url) == 200)
-        yield url
-    finally:
-        if api_servers is not None:
-            api_servers.shutdown(5)
-        engines.shutdown(2)  # the hung engine ignores SIGTERM: killed after 2 s
-        sock.close()
+    # The hung engine ignores SIGTERM: killed after 2 s.
+    with hand_built_topology(args, run_engine_core_hanging_on_hang, engine_grace_s=2) as t:
+        yield t.url
 
 
 def test_a_hung_engine_turns_health_503_and_fails_its_requests(url: str) -> None:
