@@ -14,6 +14,16 @@ def _bool(name: str, default: bool = False) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from e
+
+
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -40,6 +50,12 @@ class Envs:
     rust_frontend_path: str
     # HTTP keep-alive seconds for API servers.
     http_timeout_keep_alive_s: float
+    # --restart-dead-engines: one engine is restarted at most this many times within the
+    # window; one more death ends the run.
+    max_engine_restarts: int
+    engine_restart_window_s: float
+    # Development-only HTTP routes (GET /debug/kv_cache); never set it in production.
+    server_dev_mode: bool
 
 
 def _read() -> Envs:
@@ -54,6 +70,9 @@ def _read() -> Envs:
         usage_stats_server=os.environ.get("SHOAL_USAGE_STATS_SERVER") or None,
         rust_frontend_path=os.environ.get("SHOAL_RUST_FRONTEND_PATH", ""),
         http_timeout_keep_alive_s=_float("SHOAL_HTTP_TIMEOUT_KEEP_ALIVE", 5.0),
+        max_engine_restarts=_int("SHOAL_MAX_ENGINE_RESTARTS", 3),
+        engine_restart_window_s=_float("SHOAL_ENGINE_RESTART_WINDOW_S", 600.0),
+        server_dev_mode=_bool("SHOAL_SERVER_DEV_MODE"),
     )
 
 

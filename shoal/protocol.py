@@ -2,7 +2,9 @@
 
 API server -> engine: a one-byte request type frame, then the encoded struct.
 Engine -> API server: `EngineCoreOutputs` on that API server's own output socket
-(`client_index`), or the single frame `ENGINE_CORE_DEAD`.
+(`client_index`), or a dead notice: `ENGINE_CORE_DEAD` followed by `encode(EngineDead)` in one
+frame (`engine_dead_frame`; the bare `ENGINE_CORE_DEAD` of older senders still means "an
+engine died", which one unknown).
 No pickle anywhere on these paths.
 """
 
@@ -26,7 +28,10 @@ class RequestType(bytes, enum.Enum):
     WAKEUP = b"\x05"
 
 
-# Single frame an engine sends on every output socket when it dies.
+# Prefix of the dead notice an engine (or the launcher on its behalf) sends on every output
+# socket when the engine dies: `engine_dead_frame(k, reason)`. The bare prefix alone is the old
+# form (no engine index). No encoded EngineCoreOutputs starts with it (those start with a
+# msgpack array header, 0x90-0x9f / 0xdc / 0xdd).
 ENGINE_CORE_DEAD = b"ENGINE_CORE_DEAD"
 
 
@@ -95,11 +100,49 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_generation_tokens: int = 0
 
 
+class KVCacheStatus(msgspec.Struct, array_like=True, gc=False):
+    """A live engine's KV block pool: its counts and the result of its integrity check."""
+
+    engine_index: int
+    num_blocks: int
+    num_free_blocks: int
+    # "ok", or the failed invariant (the check's AssertionError message).
+    integrity: str = "ok"
+
+
+class UtilityRequest(msgspec.Struct, array_like=True, gc=False):
+    """API server -> engine (`RequestType.UTILITY`): run `method` between two steps and answer
+    with `EngineCoreOutputs.utility_output` on the sender's output socket. Methods:
+    `kv_cache_status` (-> `KVCacheStatus`, running the block pool's `check_integrity()`)."""
+
+    call_id: int
+    method: str
+    client_index: int = 0
+
+
+class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """An engine's answer to one `UtilityRequest` (`error` set when the call failed)."""
+
+    call_id: int
+    kv_cache: KVCacheStatus | None = None
+    error: str = ""
+
+
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     engine_index: int = 0
     outputs: list[EngineCoreOutput] = []
     scheduler_stats: SchedulerStats | None = None
     timestamp: float = 0.0
+    # Set (with no outputs) on the answer to a UtilityRequest.
+    utility_output: UtilityOutput | None = None
+
+
+class EngineDead(msgspec.Struct, array_like=True, gc=False):
+    """Engine `engine_index` died (`reason` for the logs). Sent by the dying engine itself and,
+    once it has exited, by the launcher on its behalf (a SIGKILLed engine says nothing)."""
+
+    engine_index: int
+    reason: str = ""
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -114,6 +157,25 @@ def decoder(type_: type) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(type_)
 
 
+def engine_dead_frame(engine_index: int, reason: str = "") -> bytes:
+    """The one-frame dead notice of engine `engine_index`: ENGINE_CORE_DEAD + EngineDead."""
+    return ENGINE_CORE_DEAD + encode(EngineDead(engine_index, reason))
+
+
+_dead_decoder = msgspec.msgpack.Decoder(EngineDead)
+
+
+def decode_engine_dead(frame: bytes) -> EngineDead | None:
+    """The `EngineDead` of a dead-notice frame (starts with ENGINE_CORE_DEAD); None for the
+    bare old form, which names no engine. msgspec.DecodeError if what follows the prefix is
+    not an EngineDead."""
+    payload = frame[len(ENGINE_CORE_DEAD) :]
+    if not payload:
+        return None
+    message: EngineDead = _dead_decoder.decode(payload)
+    return message
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving topology (see docs/serving.md):
 #   API server i binds a ROUTER on input_address[i] and a PULL on output_address[i].
@@ -122,7 +184,12 @@ def decoder(type_: type) -> msgspec.msgpack.Decoder:
 #   Engine -> each API server, first message on the DEALER: EngineReady.
 #   API server -> engine k on its ROUTER: [engine_identity(k), RequestType.ADD,
 #   encode(EngineCoreRequest)] or [engine_identity(k), RequestType.ABORT, encode(AbortRequest)].
-#   Engine -> API server: encode(EngineCoreOutputs) on PUSH[client_index], or ENGINE_CORE_DEAD.
+#   [engine_identity(k), RequestType.UTILITY, encode(UtilityRequest)] (answered by an
+#   EngineCoreOutputs carrying only utility_output).
+#   Engine -> API server: encode(EngineCoreOutputs) on PUSH[client_index], or
+#   engine_dead_frame(k) (also sent by the launcher for an engine that exited).
+#   Engine k restarted (--restart-dead-engines): the new process sends EngineReady on its
+#   DEALERs again; the ROUTERs (ZMQ_ROUTER_HANDOVER) accept the reused identity.
 #   DP coordinator (M > 1): engines PUSH EngineLoad to it; it PUBlishes DPStats on
 #   stats_update_address; API servers SUBscribe.
 #   (DPStats goes as one frame, encode(DPStats), no topic frame: subscribe to b"".)

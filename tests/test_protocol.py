@@ -15,14 +15,20 @@ from shoal.protocol import (
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
+    EngineDead,
     EngineLoad,
     EngineReady,
     FinishReason,
+    KVCacheStatus,
     RequestType,
     SchedulerStats,
     TokenLogprobs,
+    UtilityOutput,
+    UtilityRequest,
+    decode_engine_dead,
     decoder,
     encode,
+    engine_dead_frame,
     engine_identity,
 )
 from shoal.sampling_params import SamplingParams
@@ -88,7 +94,14 @@ EXAMPLES: list[msgspec.Struct] = [
         ],
         scheduler_stats=_STATS,
         timestamp=99.5,
+        utility_output=UtilityOutput(
+            call_id=3, kv_cache=KVCacheStatus(1, 64, 60, "ok"), error="partial"
+        ),
     ),
+    KVCacheStatus(engine_index=1, num_blocks=64, num_free_blocks=12, integrity="free list wrong"),
+    UtilityRequest(call_id=5, method="kv_cache_status", client_index=2),
+    UtilityOutput(call_id=5, kv_cache=KVCacheStatus(0, 8, 8), error="x"),
+    EngineDead(engine_index=3, reason="EngineCore_3 died with exit code -9"),
     EngineReady(
         engine_index=1, max_model_len=2048, num_blocks=512, block_size=16, model_name="tiny"
     ),
@@ -160,3 +173,16 @@ def test_request_types_and_identities() -> None:
     identities = {engine_identity(k) for k in range(300)}
     assert len(identities) == 300 and all(len(i) == 2 for i in identities)
     assert protocol.ENGINE_CORE_DEAD == b"ENGINE_CORE_DEAD"
+
+
+def test_dead_notice_names_the_engine_and_keeps_the_old_form() -> None:
+    frame = engine_dead_frame(2, "EngineCore_2 died with exit code -9")
+    assert frame.startswith(protocol.ENGINE_CORE_DEAD)
+    assert decode_engine_dead(frame) == EngineDead(2, "EngineCore_2 died with exit code -9")
+    # The bare frame of older senders: an engine died, which one unknown.
+    assert decode_engine_dead(protocol.ENGINE_CORE_DEAD) is None
+    with pytest.raises(msgspec.DecodeError):
+        decode_engine_dead(protocol.ENGINE_CORE_DEAD + b"\xc1")
+    # No encoded EngineCoreOutputs can be mistaken for a dead notice.
+    for message in (EngineCoreOutputs(), EXAMPLES[4]):
+        assert not encode(message).startswith(protocol.ENGINE_CORE_DEAD[:1])

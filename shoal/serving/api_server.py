@@ -6,6 +6,11 @@ tokenizer, wait for every engine's EngineReady (deadline), then serve HTTP with 
 before serving, exit at once; while serving, stop accepting and let in-flight requests run
 for `--shutdown-timeout` seconds, abort the rest in the engines, exit 0.
 This process never imports torch.
+
+With --restart-dead-engines, `EngineDeadError` from a generation route becomes 503 with
+`Retry-After` (`_retry_later`); without it, 503 as shoal.serving.asgi maps it.
+With SHOAL_SERVER_DEV_MODE=1, `GET /debug/kv_cache` runs every live engine's block-pool
+integrity check (a UTILITY call) and reports its block counts.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from shoal.logger import init_logger
 from shoal.model_source import resolve_model
 from shoal.runtime.addresses import ipc_path
 from shoal.runtime.child import init_child_process
-from shoal.serving.admission import AdmissionControl
+from shoal.serving.admission import RETRY_AFTER_S, AdmissionControl
 from shoal.serving.asgi import (
     MAX_BODY_BYTES,
     App,
@@ -45,7 +50,7 @@ from shoal.serving.asgi import (
     json_response,
 )
 from shoal.serving.async_engine import AsyncEngine
-from shoal.serving.engine_client import EngineClient
+from shoal.serving.engine_client import EngineClient, EngineDeadError
 from shoal.serving.metrics import MetricsStore
 from shoal.serving.openai_protocol import (
     DetokenizeRequest,
@@ -119,6 +124,7 @@ async def run_server_worker(
         client_config,
         int(getattr(args, "data_parallel_size", 1)),
         stall_timeout_s=getattr(args, "engine_stall_timeout", None) or None,
+        restart_engines=bool(getattr(args, "restart_dead_engines", False)),
     )
     metrics: MetricsStore | None = None
     admission: AdmissionControl | None = None
@@ -225,9 +231,13 @@ def build_app(
     api_key = getattr(args, "api_key", None)
     guard = _api_key_guard(api_key) if api_key else None
 
+    restarts = bool(getattr(args, "restart_dead_engines", False))
+
     def v1(
         handler: Callable[[ServingContext, Request], Awaitable[Response | StreamingResponse]],
     ) -> Callable[[Request], Awaitable[Response | StreamingResponse]]:
+        if restarts:  # a dead engine comes back: tell clients when to retry
+            return functools.partial(_retry_later, handler, ctx)
         return functools.partial(handler, ctx)
 
     for path, handler in (
@@ -243,7 +253,29 @@ def build_app(
     app.route("GET", "/openapi.json", functools.partial(_constant, openapi))
     app.route("POST", "/tokenize", functools.partial(tokenize, ctx))
     app.route("POST", "/detokenize", functools.partial(detokenize, ctx))
+    if ENVS.server_dev_mode:
+        logger.warning("SHOAL_SERVER_DEV_MODE is set: serving GET /debug/kv_cache")
+        app.route("GET", "/debug/kv_cache", functools.partial(debug_kv_cache, ctx))
     return app
+
+
+_RETRY_AFTER = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+
+
+async def _retry_later(
+    handler: Callable[[ServingContext, Request], Awaitable[Response | StreamingResponse]],
+    ctx: ServingContext,
+    request: Request,
+) -> Response | StreamingResponse:
+    """`handler`, with an engine death before the response started (a dead engine, no live
+    engine, or the request's own engine died: --restart-dead-engines) answered by 503, an
+    OpenAI error body and `Retry-After`. Streams that already started end with an error
+    event instead (shoal.serving.asgi)."""
+    try:
+        return await handler(ctx, request)
+    except EngineDeadError as e:
+        body = error_body(503, f"the engine is not available: {e}")
+        return Response(body, 503, headers=list(_RETRY_AFTER))
 
 
 def _api_key_guard(api_key: str) -> Callable[[Request], None]:
@@ -267,11 +299,54 @@ async def list_models(ctx: ServingContext, request: Request) -> Response:
 
 
 async def health(ctx: ServingContext, request: Request) -> Response:
-    """200 while every engine is alive; 503 (with the reason) once one died."""
+    """200 (empty) while every engine is alive; 503 (with the reason) once one died. With
+    --restart-dead-engines: 200 with `{"status": "degraded", "engines_down": {k: reason}}`
+    while some engines restart and another serves; 503 + Retry-After while none can."""
     reason = ctx.engine.dead_reason
     if reason is not None:
         return Response(error_body(503, f"the engine is not available: {reason}"), 503)
+    reason = ctx.engine.unavailable_reason
+    if reason is not None:
+        body = error_body(503, f"the engine is not available: {reason}")
+        return Response(body, 503, headers=list(_RETRY_AFTER))
+    down = ctx.engine.client.down
+    if down:
+        engines_down = {str(k): down[k] for k in sorted(down)}
+        return json_response({"status": "degraded", "engines_down": engines_down})
     return Response(b"", 200)
+
+
+async def debug_kv_cache(ctx: ServingContext, request: Request) -> Response:
+    """Development only (SHOAL_SERVER_DEV_MODE=1): per engine `{engine_index, num_blocks,
+    num_free_blocks, integrity}`, from the engine's own block pool between two steps;
+    `integrity` is "ok" or the failed invariant (or why the engine could not answer)."""
+    client = ctx.engine.client
+
+    async def one(k: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "engine_index": k,
+            "num_blocks": None,
+            "num_free_blocks": None,
+            "integrity": "",
+        }
+        try:
+            output = await client.call_utility(k, "kv_cache_status")
+        except (EngineDeadError, TimeoutError) as e:
+            entry["integrity"] = f"unavailable: {e or 'no answer in time'}"
+            return entry
+        if output.kv_cache is None:
+            entry["integrity"] = f"unavailable: {output.error}"
+            return entry
+        status = output.kv_cache
+        entry.update(
+            num_blocks=status.num_blocks,
+            num_free_blocks=status.num_free_blocks,
+            integrity=status.integrity,
+        )
+        return entry
+
+    results = await asyncio.gather(*(one(k) for k in range(client.num_engines)))
+    return json_response(list(results))
 
 
 async def metrics_route(

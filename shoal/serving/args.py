@@ -5,7 +5,7 @@ once at spawn), so it carries plain values only. Attributes API servers read:
 `model` (None = the embedded default model), `tokenizer`, `served_model_name`, `api_key`,
 `max_model_len`, `host`, `port`, `api_server_count`, `data_parallel_size`,
 `shutdown_timeout`, `uvicorn_log_level`, `max_num_queued_requests`, `max_request_body_bytes`,
-`engine_stall_timeout`.
+`engine_stall_timeout`, `restart_dead_engines`.
 """
 
 from __future__ import annotations
@@ -88,6 +88,16 @@ def _add_server_args(g: argparse._ArgumentGroup) -> None:
         default=DEFAULT_ENGINE_STALL_TIMEOUT_S,
         help="seconds an engine holding requests may send nothing before the API servers "
         "declare it hung (/health 503, its requests fail); 0 = never (default: %(default)s)",
+    )
+    g.add_argument(
+        "--restart-dead-engines",
+        action="store_true",
+        default=False,
+        help="when an engine process dies (crash, kill -9, OOM), fail only its in-flight "
+        "requests (503 + Retry-After) and start a fresh engine of the same index while the "
+        "others keep serving, instead of stopping the whole run; an engine that dies again "
+        "before it is ready, or more than $SHOAL_MAX_ENGINE_RESTARTS (3) times within "
+        "$SHOAL_ENGINE_RESTART_WINDOW_S (600) seconds, still stops the run (default: off)",
     )
     g.add_argument(
         "--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1 routes"

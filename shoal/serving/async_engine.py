@@ -7,7 +7,8 @@ Request lifecycle in an API server:
   3. The client's output loop calls `_on_outputs`: metrics, OutputProcessor, then each
      RequestOutput goes to its stream; stop strings found here are aborted in the engine.
   4. The caller stops early (disconnect, error) -> the generator's `finally` aborts the
-     request in the engine. An engine death fails every stream with EngineDeadError.
+     request in the engine. An engine death fails every stream with EngineDeadError; with
+     --restart-dead-engines only the streams on that engine fail (`_on_engine_down`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from shoal.frontend.outputs import RequestOutput, RequestOutputKind
 from shoal.frontend.processor import InputProcessor, ProcessedRequest, PromptType
 from shoal.frontend.tokenizer import Tokenizer
 from shoal.logger import init_logger
-from shoal.protocol import EngineCoreOutput, EngineCoreOutputs
+from shoal.protocol import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from shoal.sampling_params import SamplingParams
 from shoal.serving.engine_client import EngineClient, EngineDeadError
 from shoal.serving.metrics import HISTOGRAMS, MetricsStore
@@ -75,12 +76,19 @@ class AsyncEngine:
         self.output_processor = OutputProcessor(tokenizer)
         self._streams: dict[str, _Stream] = {}
         self._timings: dict[str, _Timing] = {}
+        # request id -> (engine, its engine request ids), while it runs.
+        self._placement: dict[str, tuple[int, list[str]]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        client.start(self._on_outputs, self._on_dead)
+        client.start(self._on_outputs, self._on_dead, self._on_engine_down)
 
     @property
     def dead_reason(self) -> str | None:
         return self.client.dead_reason
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why no request can be served now (dead, or every engine down); else None."""
+        return self.client.unavailable_reason()
 
     def process(
         self,
@@ -90,9 +98,10 @@ class AsyncEngine:
         add_special_tokens: bool = True,
     ) -> ProcessedRequest:
         """Tokenize and validate; `ValueError` naming the field (e.g. a prompt longer than
-        max_model_len); `EngineDeadError` once an engine died."""
-        if self.client.dead_reason is not None:
-            raise EngineDeadError(self.client.dead_reason)
+        max_model_len); `EngineDeadError` once an engine died (restart mode: while no
+        engine is live)."""
+        if (reason := self.client.unavailable_reason()) is not None:
+            raise EngineDeadError(reason)
         return self.processor.process(
             request_id,
             prompt,
@@ -110,8 +119,8 @@ class AsyncEngine:
 
         `EngineDeadError` if the engine dies first. Closing the generator early (client
         disconnect, cancellation) aborts the request in the engine."""
-        if self.client.dead_reason is not None:
-            raise EngineDeadError(self.client.dead_reason)
+        if (reason := self.client.unavailable_reason()) is not None:
+            raise EngineDeadError(reason)
         request_id = request.request_id
         self.output_processor.add_request(request, kind)  # ValueError for a duplicate id
         stream = _Stream()
@@ -122,7 +131,10 @@ class AsyncEngine:
         self.metrics.inc("requests_received_total")
         finished = False
         try:
-            await self.client.add_requests(self.client.pick_engine(), request.engine_requests)
+            engine = self.client.pick_engine()
+            engine_ids = [r.request_id for r in request.engine_requests]
+            self._placement[request_id] = (engine, engine_ids)
+            await self.client.add_requests(engine, request.engine_requests)
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -133,6 +145,7 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
+            self._placement.pop(request_id, None)
             if not finished:
                 await self._abort(request_id)
 
@@ -208,3 +221,22 @@ class AsyncEngine:
         self._timings.clear()
         for stream in self._streams.values():
             stream.put(error)
+
+    def _on_engine_down(self, engine: int, reason: str) -> None:
+        """Restart mode: fail only the requests running on `engine` (the client has
+        forgotten them); the others keep streaming. Its /metrics gauges show an idle, empty
+        engine (what its replacement starts as) instead of the dead process's last figures."""
+        num_blocks = self.client.engines[engine].num_blocks
+        idle = SchedulerStats(num_blocks_total=num_blocks, num_blocks_free=num_blocks)
+        self.metrics.set_engine_stats(engine, time.time(), idle)
+        error = EngineDeadError(f"{reason}; retry the request")
+        for request_id, (k, engine_ids) in list(self._placement.items()):
+            if k != engine:
+                continue
+            self.output_processor.abort_requests([request_id])
+            for engine_id in engine_ids:
+                if self._timings.pop(engine_id, None) is not None:
+                    self.metrics.inc("request_success_total:error")
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put(error)

@@ -4,12 +4,20 @@ Sockets (see the topology block of shoal.protocol):
 
     ROUTER  bound on client_config["input_address"]   engines' DEALERs connect; first
             message from each is EngineReady; we send [identity, ADD|ABORT, payload]
-    PULL    bound on client_config["output_address"]  EngineCoreOutputs or ENGINE_CORE_DEAD
+    PULL    bound on client_config["output_address"]  EngineCoreOutputs or a dead notice
     SUB     connected to stats_update_address (M > 1) DPStats from the coordinator
 
 An engine that dies without a word (SIGKILL) is seen by a socket monitor on the ROUTER: its
-connection closes. Either way the client turns dead: every pending request fails with
-`EngineDeadError` and no new one is accepted.
+connection closes; the launcher also sends its dead notice. Either way the client turns dead:
+every pending request fails with `EngineDeadError` and no new one is accepted.
+
+With `restart_engines` (--restart-dead-engines) a death is per engine instead: the dead
+notice `EngineDead(k)` (from the engine or, for a SIGKILL, the launcher) marks engine k down
+and fails only its in-flight requests; new requests go to the live engines (none live:
+`EngineDeadError`). The monitor only logs lost connections (it cannot tell which engine went).
+When the restarted engine's `EngineReady` arrives on the ROUTER (ZMQ_ROUTER_HANDOVER: the new
+connection takes over the reused identity) engine k is live again with fresh counters. A
+stalled engine (watchdog) is marked down the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from shoal.protocol import (
     EngineCoreRequest,
     EngineReady,
     RequestType,
+    UtilityOutput,
+    UtilityRequest,
+    decode_engine_dead,
     decoder,
     encode,
     engine_identity,
@@ -57,6 +68,8 @@ class EngineDeadError(RuntimeError):
 
 OutputsHandler = Callable[[EngineCoreOutputs], None]
 DeadHandler = Callable[[str], None]
+# (engine index, reason): one engine went down (restart mode); its requests were forgotten.
+EngineDownHandler = Callable[[int, str], None]
 
 
 class EngineClient:
@@ -72,6 +85,7 @@ class EngineClient:
         client_config: dict[str, Any],
         num_engines: int,
         stall_timeout_s: float | None = None,
+        restart_engines: bool = False,
     ) -> None:
         for key in ("input_address", "output_address"):
             if not client_config.get(key):
@@ -87,6 +101,11 @@ class EngineClient:
         self.input_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.input_socket.setsockopt(zmq.SNDHWM, 0)
         self.input_socket.setsockopt(zmq.LINGER, 0)
+        self.restart_engines = restart_engines
+        if restart_engines:
+            # A restarted engine reconnects with the same identity, maybe before the old
+            # connection is torn down: let the new one take it over.
+            self.input_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._monitor = self.input_socket.get_monitor_socket(
             zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
         )
@@ -119,6 +138,12 @@ class EngineClient:
         self._last_heard = [0.0] * num_engines
         self._on_outputs: OutputsHandler | None = None
         self._on_dead: DeadHandler | None = None
+        self._on_engine_down: EngineDownHandler | None = None
+        # Restart mode: engine index -> why it is down (until its EngineReady arrives).
+        self.down: dict[int, str] = {}
+        # Utility calls awaiting their answer: call id -> (engine, future).
+        self._calls: dict[int, tuple[int, asyncio.Future[UtilityOutput]]] = {}
+        self._next_call_id = 0
 
     # -- startup ------------------------------------------------------------------------------
 
@@ -157,14 +182,23 @@ class EngineClient:
         """The smallest context length among the engines (they should all agree)."""
         return min(e.max_model_len for e in self.engines)
 
-    def start(self, on_outputs: OutputsHandler, on_dead: DeadHandler) -> None:
+    def start(
+        self,
+        on_outputs: OutputsHandler,
+        on_dead: DeadHandler,
+        on_engine_down: EngineDownHandler | None = None,
+    ) -> None:
         """Start delivering every EngineCoreOutputs to `on_outputs` and the first death
-        (with its reason) to `on_dead`; both are called on the event loop."""
+        (with its reason) to `on_dead`; in restart mode each engine that goes down to
+        `on_engine_down(engine, reason)`. All are called on the event loop."""
         self._on_outputs, self._on_dead = on_outputs, on_dead
+        self._on_engine_down = on_engine_down
         self._tasks = [
             asyncio.create_task(self._output_loop(), name="engine-outputs"),
             asyncio.create_task(self._monitor_loop(), name="engine-monitor"),
         ]
+        if self.restart_engines:
+            self._tasks.append(asyncio.create_task(self._ready_loop(), name="engine-ready"))
         if self._stats_socket is not None:
             self._tasks.append(asyncio.create_task(self._stats_loop(), name="dp-stats"))
         if self.stall_timeout_s is not None:
@@ -172,12 +206,27 @@ class EngineClient:
 
     # -- requests -----------------------------------------------------------------------------
 
+    def unavailable_reason(self) -> str | None:
+        """Why no request can be served now: the client is dead, or (restart mode) every
+        engine is down; None while at least one engine is live."""
+        if self.dead_reason is not None:
+            return self.dead_reason
+        if self.down and len(self.down) == self.num_engines:
+            reasons = "; ".join(self.down[k] for k in sorted(self.down))
+            return f"no engine is available ({reasons}); retry the request shortly"
+        return None
+
     def pick_engine(self) -> int:
-        """The least loaded engine: the coordinator's global counts (lagged) plus this
-        server's own in-flight requests (exact); ties go round-robin."""
+        """The least loaded live engine: the coordinator's global counts (lagged) plus this
+        server's own in-flight requests (exact); ties go round-robin. `EngineDeadError`
+        when no engine is live."""
+        if (reason := self.unavailable_reason()) is not None:
+            raise EngineDeadError(reason)
         best, best_score = 0, None
         for offset in range(self.num_engines):
             k = (self._next_engine + offset) % self.num_engines
+            if k in self.down:
+                continue
             waiting, running = self._dp_loads[k]
             score = _WAITING_WEIGHT * waiting + running + self.num_in_flight[k]
             if best_score is None or score < best_score:
@@ -188,6 +237,8 @@ class EngineClient:
     async def add_requests(self, engine: int, requests: list[EngineCoreRequest]) -> None:
         """Send `requests` to `engine`; `EngineDeadError` when the client is dead."""
         self._check_alive()
+        if engine in self.down:
+            raise EngineDeadError(f"{self.down[engine]}; retry the request")
         identity = engine_identity(engine)
         for request in requests:
             if self.num_in_flight[engine] == 0:
@@ -234,8 +285,8 @@ class EngineClient:
         outputs_decoder = decoder(EngineCoreOutputs)
         while True:
             frame = await self.output_socket.recv()
-            if frame == ENGINE_CORE_DEAD:
-                self._mark_dead("an engine core died (ENGINE_CORE_DEAD)")
+            if frame.startswith(ENGINE_CORE_DEAD):
+                self._on_dead_notice(frame)
                 continue
             try:
                 outputs = outputs_decoder.decode(frame)
@@ -244,6 +295,8 @@ class EngineClient:
                 continue
             if 0 <= outputs.engine_index < self.num_engines:
                 self._last_heard[outputs.engine_index] = time.monotonic()
+            if outputs.utility_output is not None:
+                self._on_utility_output(outputs.utility_output)
             self._forget([o.request_id for o in outputs.outputs if o.finish_reason is not None])
             try:
                 assert self._on_outputs is not None
@@ -251,9 +304,28 @@ class EngineClient:
             except Exception:
                 logger.exception("output handler failed")
 
+    def _on_dead_notice(self, frame: bytes) -> None:
+        try:
+            notice = decode_engine_dead(frame)
+        except WIRE_DECODE_ERRORS as e:
+            logger.error("malformed dead notice (%s): treating it as an unknown engine's", e)
+            notice = None
+        if notice is None or not 0 <= notice.engine_index < self.num_engines:
+            self._mark_dead("an engine core died (ENGINE_CORE_DEAD)")
+            return
+        reason = f"engine {notice.engine_index} died"
+        if notice.reason:
+            reason += f" ({notice.reason})"
+        if self.restart_engines:
+            self._engine_down(notice.engine_index, reason)
+        else:
+            self._mark_dead(f"{reason} (ENGINE_CORE_DEAD)")
+
     async def _monitor_loop(self) -> None:
         # ACCEPTED/DISCONNECTED carry the connection's fd. An engine holds one connection
         # here; fewer live connections than engines once all are ready = one went away.
+        # In restart mode a lost connection is only logged: the fd does not say which
+        # engine it was, and the launcher's dead notice names it.
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             fd = int(event["value"])
@@ -261,8 +333,62 @@ class EngineClient:
                 self._live_fds.add(fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED and fd in self._live_fds:
                 self._live_fds.discard(fd)
-                if self.engines and len(self._live_fds) < self.num_engines:
+                if self.restart_engines:
+                    logger.info("an engine connection closed (waiting for the launcher's notice)")
+                elif self.engines and len(self._live_fds) < self.num_engines:
                     self._mark_dead("lost the connection to an engine core (process died?)")
+
+    async def _ready_loop(self) -> None:
+        """Restart mode: EngineReady of restarted engines, after start-up."""
+        ready_decoder = decoder(EngineReady)
+        while True:
+            frames = await self.input_socket.recv_multipart()
+            if len(frames) != 2:
+                logger.warning("ignored a %d-frame message on the input socket", len(frames))
+                continue
+            identity, payload = frames
+            try:
+                message = ready_decoder.decode(payload)
+            except WIRE_DECODE_ERRORS as e:
+                logger.warning("ignored a malformed ready message: %s", e)
+                continue
+            k = message.engine_index
+            if not 0 <= k < self.num_engines or identity != engine_identity(k):
+                logger.warning("ignored ready message of unknown engine %d", k)
+                continue
+            self._engine_up(message)
+
+    def _engine_up(self, message: EngineReady) -> None:
+        k = message.engine_index
+        if k not in self.down:
+            # Its dead notice has not arrived (or got lost): what it held is gone anyway.
+            self._engine_down(k, f"engine {k} was restarted")
+        del self.down[k]
+        self.engines[k] = message
+        self.num_in_flight[k] = 0
+        self._dp_loads[k] = (0, 0)  # the old process's load is stale
+        self._last_heard[k] = time.monotonic()
+        live = self.num_engines - len(self.down)
+        logger.info("engine %d is ready again; %d of %d engine(s) live", k, live, self.num_engines)
+
+    def _engine_down(self, k: int, reason: str) -> None:
+        """Restart mode: mark engine k down, forget and fail its in-flight requests."""
+        if k in self.down:
+            return
+        self.down[k] = reason
+        ids = [request_id for request_id, engine in self._owner.items() if engine == k]
+        self._forget(ids)
+        self.num_in_flight[k] = 0
+        self._fail_calls(k, reason)
+        logger.error(
+            "%s: failing its %d in-flight request(s); %d of %d engine(s) live",
+            reason,
+            len(ids),
+            self.num_engines - len(self.down),
+            self.num_engines,
+        )
+        if self._on_engine_down is not None:
+            self._on_engine_down(k, reason)
 
     async def _watchdog_loop(self) -> None:
         assert self.stall_timeout_s is not None
@@ -273,10 +399,14 @@ class EngineClient:
             for k in range(self.num_engines):
                 silent_s = now - self._last_heard[k]
                 if self.num_in_flight[k] > 0 and silent_s > self.stall_timeout_s:
-                    self._mark_dead(
+                    reason = (
                         f"engine {k} made no progress for {silent_s:.1f} s with "
                         f"{self.num_in_flight[k]} request(s) in flight (--engine-stall-timeout)"
                     )
+                    if self.restart_engines:
+                        self._engine_down(k, reason)
+                        continue
+                    self._mark_dead(reason)
                     return
 
     async def _stats_loop(self) -> None:
@@ -298,8 +428,47 @@ class EngineClient:
         self.dead_reason = reason
         logger.error("%s: failing %d in-flight request(s)", reason, len(self._owner))
         self._forget(list(self._owner))
+        self._fail_calls(None, reason)
         if self._on_dead is not None:
             self._on_dead(reason)
+
+    # -- utility calls ------------------------------------------------------------------------
+
+    async def call_utility(
+        self, engine: int, method: str, timeout_s: float = 10.0
+    ) -> UtilityOutput:
+        """Run utility `method` in `engine` (between two of its steps) and return its answer.
+        `EngineDeadError` when the engine is (or goes) down, `TimeoutError` after
+        `timeout_s`."""
+        self._check_alive()
+        if engine in self.down:
+            raise EngineDeadError(self.down[engine])
+        self._next_call_id += 1
+        call_id = self._next_call_id
+        future: asyncio.Future[UtilityOutput] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = (engine, future)
+        try:
+            request = UtilityRequest(call_id, method, self.client_index)
+            try:
+                await self.input_socket.send_multipart(
+                    [engine_identity(engine), RequestType.UTILITY.value, encode(request)]
+                )
+            except zmq.ZMQError as e:
+                raise EngineDeadError(f"engine {engine} is unreachable: {e}") from e
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._calls.pop(call_id, None)
+
+    def _on_utility_output(self, output: UtilityOutput) -> None:
+        call = self._calls.get(output.call_id)
+        if call is not None and not call[1].done():
+            call[1].set_result(output)
+
+    def _fail_calls(self, engine: int | None, reason: str) -> None:
+        """Fail the utility calls waiting on `engine` (None: every engine)."""
+        for k, future in self._calls.values():
+            if (engine is None or k == engine) and not future.done():
+                future.set_exception(EngineDeadError(reason))
 
     # -- shutdown -----------------------------------------------------------------------------
 

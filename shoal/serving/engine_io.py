@@ -1,9 +1,10 @@
 """`EngineIO`: an engine process's two ZMQ I/O threads and the queues between them and the loop.
 
     input thread   DEALER x N (one per API server, identity engine_identity(k)): decode
-                   ADD / ABORT with typed decoders -> `input_queue`; malformed -> logged,
-                   dropped. A socket monitor counts the API servers still connected.
-    output thread  `send()` queue -> encode -> PUSH[client_index]; ENGINE_CORE_DEAD to all
+                   ADD / ABORT / UTILITY with typed decoders -> `input_queue`; malformed ->
+                   logged, dropped. A socket monitor counts the API servers still connected.
+    output thread  `send()` queue -> encode -> PUSH[client_index]; the dead notice
+                   (`engine_dead_frame(k)`) to all
 
 Each socket is used by exactly one thread. No pickle: frames are msgspec msgpack.
 """
@@ -20,21 +21,22 @@ from zmq.utils.monitor import parse_monitor_message
 
 from shoal.logger import init_logger
 from shoal.protocol import (
-    ENGINE_CORE_DEAD,
     AbortRequest,
     EngineAddresses,
     EngineCoreOutputs,
     EngineCoreRequest,
     RequestType,
+    UtilityRequest,
     decoder,
     encode,
+    engine_dead_frame,
     engine_identity,
 )
 
 logger = init_logger(__name__)
 
 _POLL_MS = 100
-# On close, unsent frames (final outputs) may take this long to get out; ENGINE_CORE_DEAD longer.
+# On close, unsent frames (final outputs) may take this long to get out; the dead notice longer.
 _LINGER_MS = 1000
 _DEAD_LINGER_MS = 4000
 _THREAD_JOIN_S = 5.0
@@ -42,11 +44,14 @@ _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
 class _Dead:
-    """Output-queue marker: send ENGINE_CORE_DEAD on every output socket."""
+    """Output-queue marker: send the dead notice (with `reason`) on every output socket."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
-_DEAD = _Dead()
-InputMessage = EngineCoreRequest | AbortRequest
+_DEAD = _Dead("fatal error")
+InputMessage = EngineCoreRequest | AbortRequest | UtilityRequest
 _OutputItem = tuple[int, EngineCoreOutputs] | _Dead | None
 
 
@@ -97,7 +102,7 @@ class EngineIO:
 
     def close(self, dead: bool = False) -> None:
         """Stop both threads once everything queued is sent (and, when `dead`,
-        ENGINE_CORE_DEAD on every output socket); bounded by the sockets' linger."""
+        the dead notice on every output socket); bounded by the sockets' linger."""
         if dead:
             self._linger_ms = _DEAD_LINGER_MS
             if len(self._threads) == 2 and self._threads[1].is_alive():
@@ -109,6 +114,11 @@ class EngineIO:
         for thread in self._threads:
             thread.join(_THREAD_JOIN_S + self._linger_ms / 1000)
         self._ctx.term()
+
+    def announce_dead(self, reason: str) -> None:
+        """Queue the dead notice for every API server (any thread; the engine is about to
+        exit without `close`)."""
+        self._output_queue.put(_Dead(reason))
 
     def socket(self, socket_type: int) -> zmq.Socket:
         """A socket of this process's context (for the main thread's own sockets)."""
@@ -133,7 +143,11 @@ class EngineIO:
                 sockets.append(sock)
                 monitors[monitor] = client_index
             started.set()
-            decoders = (decoder(EngineCoreRequest), decoder(AbortRequest))
+            decoders = (
+                decoder(EngineCoreRequest),
+                decoder(AbortRequest),
+                decoder(UtilityRequest),
+            )
             while not self._stop.is_set():
                 for sock, _ in poller.poll(_POLL_MS):
                     if sock in monitors:
@@ -163,8 +177,10 @@ class EngineIO:
         frames: list[bytes],
         add_decoder: msgspec.msgpack.Decoder,
         abort_decoder: msgspec.msgpack.Decoder,
+        utility_decoder: msgspec.msgpack.Decoder | None = None,
     ) -> None:
-        """Queue one ADD / ABORT; a malformed message is logged and dropped."""
+        """Queue one ADD / ABORT / UTILITY (the last only with `utility_decoder`); a malformed
+        message is logged and dropped."""
         try:
             if len(frames) != 2:
                 raise ValueError(f"expected 2 frames (type, payload), got {len(frames)}")
@@ -173,6 +189,8 @@ class EngineIO:
                 self.input_queue.put(add_decoder.decode(frames[1]))
             elif request_type == RequestType.ABORT:
                 self.input_queue.put(abort_decoder.decode(frames[1]))
+            elif request_type == RequestType.UTILITY and utility_decoder is not None:
+                self.input_queue.put(utility_decoder.decode(frames[1]))
             else:
                 raise ValueError(f"request type {request_type.name} is not served here")
         except (msgspec.DecodeError, ValueError, TypeError) as e:
@@ -190,7 +208,7 @@ class EngineIO:
             while (item := self._output_queue.get()) is not None:
                 if isinstance(item, _Dead):
                     for sock in sockets:
-                        sock.send(ENGINE_CORE_DEAD)
+                        sock.send(engine_dead_frame(self.engine_index, item.reason))
                 else:
                     client_index, outputs = item
                     sockets[client_index].send(encode(outputs))
@@ -206,7 +224,7 @@ class EngineIO:
         for address in self._output_addresses:
             sock = self._ctx.socket(zmq.PUSH)
             sock.connect(address)
-            sock.send(ENGINE_CORE_DEAD, zmq.NOBLOCK)
+            sock.send(engine_dead_frame(self.engine_index, "fatal error"), zmq.NOBLOCK)
             sock.close(linger=_DEAD_LINGER_MS)
 
 

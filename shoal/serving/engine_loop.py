@@ -13,7 +13,10 @@ the rest, sends the final outputs and returns. The process entry point and the l
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
+import threading
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
@@ -31,6 +34,9 @@ from shoal.protocol import (
     EngineLoad,
     EngineReady,
     FinishReason,
+    KVCacheStatus,
+    UtilityOutput,
+    UtilityRequest,
     encode,
 )
 from shoal.serving.engine_io import EngineIO
@@ -61,6 +67,7 @@ class EngineCoreProc:
         engine_index: int,
         coordinator_address: str | None = None,
         drain_timeout_s: float = 0.0,
+        stall_exit_s: float | None = None,
     ) -> None:
         # Imported here so the launcher (which imports this module) never imports torch.
         from shoal.core.engine_core import EngineCore
@@ -76,6 +83,10 @@ class EngineCoreProc:
         self._last_sent: dict[int, float] = {}
         self._heartbeat_due = 0.0
         self.shutdown_requested = False
+        # --restart-dead-engines with --engine-stall-timeout: a step running longer than this
+        # makes the process exit (the launcher then restarts it). None: never.
+        self.stall_exit_s = stall_exit_s
+        self._step_started: float | None = None  # monotonic, while a step runs
         # The main thread's own socket: EngineLoad to the DP coordinator (M > 1 only).
         self._load_socket: zmq.Socket | None = None
         if coordinator_address is not None:
@@ -109,6 +120,8 @@ class EngineCoreProc:
     def run_busy_loop(self) -> None:
         """Serve until a shutdown request has been drained or aborted (see module doc)."""
         drain_deadline: float | None = None
+        if self.stall_exit_s:
+            threading.Thread(target=self._stall_watchdog, name="StallWatchdog", daemon=True).start()
         while True:
             if self.io.error is not None:
                 raise RuntimeError("an engine I/O thread failed") from self.io.error
@@ -130,8 +143,34 @@ class EngineCoreProc:
             if self.engine_core.has_unfinished_requests():
                 # Each step's stats are taken after its update, so the last step before going
                 # idle already reports the engine's zero load to the API servers.
-                self._dispatch(self.engine_core.step())
+                self._step_started = time.monotonic()
+                step_outputs = self.engine_core.step()
+                self._step_started = None
+                self._dispatch(step_outputs)
             self._publish_load()
+
+    def _stall_watchdog(self) -> None:
+        """Exit the process (code 1, dead notice first) once one step has run longer than
+        `stall_exit_s`: a hung engine then dies like a crashed one and the launcher's restart
+        policy applies. Needs the GIL: a step stuck in native code that holds it is not seen
+        (the API servers' stall watchdog still marks the engine down)."""
+        assert self.stall_exit_s is not None
+        period = min(max(self.stall_exit_s / 4, 0.05), 1.0)
+        while True:
+            time.sleep(period)
+            started = self._step_started
+            if started is None or (elapsed := time.monotonic() - started) <= self.stall_exit_s:
+                continue
+            reason = (
+                f"a step ran for {elapsed:.1f} s, over --engine-stall-timeout "
+                f"{self.stall_exit_s:g} s"
+            )
+            logger.error("%s: exiting so that the launcher restarts this engine", reason)
+            self.io.announce_dead(reason)
+            time.sleep(0.5)  # let the output thread send it
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(1)
 
     def _process_input_queue(self, block: bool) -> None:
         try:
@@ -146,12 +185,50 @@ class EngineCoreProc:
         except queue.Empty:
             pass
 
-    def _handle_input(self, message: EngineCoreRequest | AbortRequest) -> None:
+    def _handle_input(self, message: EngineCoreRequest | AbortRequest | UtilityRequest) -> None:
         if isinstance(message, AbortRequest):
             # The core answers each unfinished one with an ABORT output on its next step.
             self.engine_core.abort_requests(message.request_ids)
             return
+        if isinstance(message, UtilityRequest):
+            self._handle_utility(message)
+            return
         self._handle_add(message)
+
+    def _handle_utility(self, request: UtilityRequest) -> None:
+        """Answer a UtilityRequest on the sender's output socket (between two steps, on the
+        main thread: the core is not thread-safe)."""
+        if not 0 <= request.client_index < self.num_clients:
+            logger.warning(
+                "dropped utility call: client_index %d out of range", request.client_index
+            )
+            return
+        if request.method == "kv_cache_status":
+            result = UtilityOutput(request.call_id, kv_cache=self.kv_cache_status())
+        else:
+            result = UtilityOutput(
+                request.call_id, error=f"unknown utility method {request.method!r}"
+            )
+        self.io.send(
+            request.client_index,
+            EngineCoreOutputs(
+                engine_index=self.engine_index, timestamp=time.time(), utility_output=result
+            ),
+        )
+
+    def kv_cache_status(self) -> KVCacheStatus:
+        """The block pool's counts and the result of the scheduler's and KV cache's
+        `check_integrity()` ("ok" or the failed invariant)."""
+        scheduler = self.engine_core.scheduler
+        try:
+            scheduler.check_integrity()
+            integrity = "ok"
+        except AssertionError as e:
+            integrity = f"check_integrity failed: {e}" if str(e) else "check_integrity failed"
+            logger.error("KV cache integrity check: %s", integrity)
+        return KVCacheStatus(
+            self.engine_index, scheduler.kv.num_blocks, scheduler.kv.num_free_blocks, integrity
+        )
 
     def _handle_add(self, request: EngineCoreRequest) -> None:
         if not 0 <= request.client_index < self.num_clients:

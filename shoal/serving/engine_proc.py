@@ -29,10 +29,10 @@ import zmq
 from shoal.config import ShoalConfig
 from shoal.envs import ENVS
 from shoal.logger import init_logger
-from shoal.protocol import ENGINE_CORE_DEAD, EngineAddresses, EngineReady, decoder, encode
+from shoal.protocol import EngineAddresses, EngineReady, decoder, encode, engine_dead_frame
 from shoal.runtime.child import init_child_process
 from shoal.runtime.managers import ProcessManager
-from shoal.runtime.procs import SPAWN_CTX, ProcessLike, exitcode_after_exit
+from shoal.runtime.procs import SPAWN_CTX, ProcessLike, exitcode_after_exit, start_process
 from shoal.serving.engine_loop import EngineCoreProc
 from shoal.serving.usage_stats import report_usage_stats
 
@@ -69,20 +69,24 @@ def run_engine_core(
     coordinator_address: str | None,
     drain_timeout_s: float,
     ready_timeout_s: float,
+    stall_exit_s: float | None = None,
 ) -> None:
     """Entry point of process `EngineCore_<engine_index>`.
 
     Handshake over `handshake` (bytes, msgspec): load the model, wait up to
     `ready_timeout_s` for `EngineAddresses`, connect, send `EngineReady` to every API server
     and then to the launcher; serve. Exit 0 after a signal-initiated shutdown, 1 after a
-    fatal error (ENGINE_CORE_DEAD sent to every API server first). Never returns.
+    fatal error (the dead notice sent to every API server first) or when one step ran
+    longer than `stall_exit_s` (when given). Never returns.
     """
     init_child_process(engine_proc_name(engine_index))
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     proc: EngineCoreProc | None = None
     try:
-        proc = EngineCoreProc(config, engine_index, coordinator_address, drain_timeout_s)
+        proc = EngineCoreProc(
+            config, engine_index, coordinator_address, drain_timeout_s, stall_exit_s
+        )
         report_usage_stats(config, "ENGINE_CONTEXT")
         if not handshake.poll(ready_timeout_s):
             raise RuntimeError(f"no API-server addresses from the launcher in {ready_timeout_s}s")
@@ -133,7 +137,9 @@ class CoreEngineProcManager(ProcessManager):
     Give the API servers' addresses in the constructor or later with `send_addresses`;
     then `wait_for_ready` completes the handshake. `processes`, `shutdown(timeout)` and the
     liveness interface come from `ProcessManager`. `target_fn` (default `run_engine_core`,
-    same signature) lets tests wrap the engine's entry point.
+    same signature) lets tests wrap the engine's entry point. `stall_exit_s`: each engine
+    exits (code 1) when one step runs longer (--restart-dead-engines with
+    --engine-stall-timeout). `restart(k)` replaces an exited engine (see there).
     """
 
     def __init__(
@@ -147,38 +153,48 @@ class CoreEngineProcManager(ProcessManager):
         drain_timeout_s: float = 0.0,
         ready_timeout_s: float | None = None,
         target_fn: Callable[..., None] | None = None,
+        stall_exit_s: float | None = None,
     ) -> None:
         super().__init__()
         self.ready_timeout_s = ready_timeout_s or ENVS.engine_ready_timeout_s
         self.engines_ready: list[EngineReady] = []
         # The launcher's ends of the handshake pipes, by engine index (closed once READY).
         self._pipes: list[Connection] = []
+        # Handshake pipes of restarted engines, by engine index (closed once READY).
+        self._restart_pipes: dict[int, Connection] = {}
+        self._input_addresses: list[str] = []
         self._output_addresses: list[str] = []
+        self._target = target_fn or run_engine_core
+        self._config = config
+        self._engine_args = (
+            coordinator_address,
+            drain_timeout_s,
+            self.ready_timeout_s,
+            stall_exit_s,
+        )
         self.add_cleanup(_closer(self._pipes))
+        self.add_cleanup(_dict_closer(self._restart_pipes))
         with self.rollback_on_error():
             for k in range(num_engines):
                 parent_end, child_end = SPAWN_CTX.Pipe(duplex=True)
                 self._pipes.append(parent_end)
-                args = (
-                    k,
-                    config,
-                    child_end,
-                    coordinator_address,
-                    drain_timeout_s,
-                    self.ready_timeout_s,
-                )
                 try:
-                    self.spawn(target_fn or run_engine_core, engine_proc_name(k), args)
+                    self.spawn(self._target, engine_proc_name(k), self._args(k, child_end))
                 finally:
                     child_end.close()  # so the launcher sees EOF when the engine dies
         logger.info("started %d engine process(es)", num_engines)
         if api_input_addresses is not None and api_output_addresses is not None:
             self.send_addresses(api_input_addresses, api_output_addresses)
 
+    def _args(self, engine_index: int, handshake: Connection) -> tuple[Any, ...]:
+        """`run_engine_core`'s arguments for engine `engine_index`."""
+        return (engine_index, self._config, handshake, *self._engine_args)
+
     def send_addresses(self, input_addresses: list[str], output_addresses: list[str]) -> None:
         """Tell every engine where the API servers are (indexed by client_index)."""
         if len(input_addresses) != len(output_addresses):
             raise ValueError("input and output address lists differ in length")
+        self._input_addresses = list(input_addresses)
         self._output_addresses = list(output_addresses)
         message = encode(EngineAddresses(list(input_addresses), list(output_addresses)))
         for pipe in self._pipes:
@@ -226,25 +242,98 @@ class CoreEngineProcManager(ProcessManager):
 
     def announce_failed_engines(self) -> list[str]:
         """If an engine exited non-zero (so it may not have said so itself, e.g. SIGKILL),
-        send ENGINE_CORE_DEAD to every API server on its behalf, so their pending requests
+        send its dead notice to every API server on its behalf, so their pending requests
         fail at once. Returns the names of the failed engines."""
-        failed = [p.name for p in self.processes if p.exitcode not in (None, 0)]
-        if failed and self._output_addresses:
-            _send_engine_dead(self._output_addresses)
-        return failed
+        failed = [(k, p) for k, p in enumerate(self.processes) if p.exitcode not in (None, 0)]
+        for k, proc in failed:
+            self.announce_dead(k, f"{proc.name} exited with code {proc.exitcode}")
+        return [p.name for _, p in failed]
+
+    def announce_dead(self, engine_index: int, reason: str) -> None:
+        """Send engine `engine_index`'s dead notice to every API server (bounded by a linger
+        of about a second)."""
+        if self._output_addresses:
+            _send_engine_dead(self._output_addresses, engine_dead_frame(engine_index, reason))
+
+    # -- restarts (--restart-dead-engines) ------------------------------------------------------
+
+    def restart(self, engine_index: int) -> Connection:
+        """Start a fresh `EngineCore_<engine_index>` (same index, same config) in place of the
+        exited one, and send it the API servers' addresses at once (the pipe holds them while
+        it loads). Returns the launcher's end of its handshake pipe: readable once the engine
+        sent EngineReady (`recv_restart_ready`) or exited (EOF). Does not wait."""
+        old = self.processes[engine_index]
+        if old.exitcode is None:
+            raise RuntimeError(f"{old.name} (pid {old.pid}) is still running")
+        self.close_restart_pipe(engine_index)
+        parent_end, child_end = SPAWN_CTX.Pipe(duplex=True)
+        name = engine_proc_name(engine_index)
+        try:
+            proc = SPAWN_CTX.Process(
+                target=self._target,
+                name=name,
+                args=self._args(engine_index, child_end),
+            )
+            start_process(proc)
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        # In place: the list is the one `shutdown()` (and its finalizer) stops.
+        self.processes[engine_index] = proc
+        self._restart_pipes[engine_index] = parent_end
+        message = encode(EngineAddresses(self._input_addresses, self._output_addresses))
+        with contextlib.suppress(OSError):  # died already: its sentinel says so
+            parent_end.send_bytes(message)
+        logger.info("restarted %s (pid %s)", name, proc.pid)
+        return parent_end
+
+    def recv_restart_ready(self, engine_index: int) -> EngineReady:
+        """Read the EngineReady of restarted engine `engine_index` from its pipe (readable)
+        and close the pipe. `RuntimeError` when it exited instead or sent garbage."""
+        pipe = self._restart_pipes[engine_index]
+        proc = self.processes[engine_index]
+        try:
+            message: EngineReady = decoder(EngineReady).decode(pipe.recv_bytes())
+        except (EOFError, OSError) as e:
+            raise RuntimeError(
+                f"{proc.name} (pid {proc.pid}) exited with code {exitcode_after_exit(proc)} "
+                "after a restart, before it reported READY (crash loop?); see its log above"
+            ) from e
+        except msgspec.DecodeError as e:
+            raise RuntimeError(f"{proc.name} sent a malformed READY message: {e}") from e
+        finally:
+            self.close_restart_pipe(engine_index)
+        logger.info("%s (pid %s) is ready again after its restart", proc.name, proc.pid)
+        return message
+
+    def close_restart_pipe(self, engine_index: int) -> None:
+        pipe = self._restart_pipes.pop(engine_index, None)
+        if pipe is not None:
+            pipe.close()
 
 
-def _send_engine_dead(addresses: list[str]) -> None:
+def _send_engine_dead(addresses: list[str], frame: bytes) -> None:
     ctx = zmq.Context()
     try:
         for address in addresses:
             sock = ctx.socket(zmq.PUSH)
             sock.connect(address)
             with contextlib.suppress(zmq.Again):
-                sock.send(ENGINE_CORE_DEAD, zmq.NOBLOCK)
+                sock.send(frame, zmq.NOBLOCK)
             sock.close(linger=_DEAD_LINGER_MS)
     finally:
         ctx.term()
+
+
+def _dict_closer(pipes: dict[int, Connection]) -> Callable[[], None]:
+    def close_pipes() -> None:
+        for pipe in pipes.values():
+            pipe.close()
+        pipes.clear()
+
+    return close_pipes
 
 
 def _closer(pipes: list[Connection]) -> Callable[[], None]:

@@ -16,8 +16,11 @@ from shoal.protocol import (
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
+    EngineDead,
     EngineReady,
     RequestType,
+    UtilityRequest,
+    decode_engine_dead,
     decoder,
     encode,
     engine_identity,
@@ -101,11 +104,20 @@ class FakeApiServers:
             engine, RequestType.ABORT.value, encode(AbortRequest(request_ids)), client=client
         )
 
-    def recv(self, client: int, timeout_s: float = TIMEOUT_S) -> EngineCoreOutputs | bytes:
-        """The next message on `client`'s PULL: EngineCoreOutputs or ENGINE_CORE_DEAD."""
+    def utility(self, engine: int, call_id: int, method: str, client: int = 0) -> None:
+        request = UtilityRequest(call_id, method, client)
+        self.send_raw(engine, RequestType.UTILITY.value, encode(request), client=client)
+
+    def recv(
+        self, client: int, timeout_s: float = TIMEOUT_S
+    ) -> EngineCoreOutputs | EngineDead | bytes:
+        """The next message on `client`'s PULL: EngineCoreOutputs, or a dead notice
+        (`EngineDead`; the bare ENGINE_CORE_DEAD of the old form as bytes)."""
         assert self.pulls[client].poll(int(timeout_s * 1000)), "no output from the engine"
         frame = self.pulls[client].recv()
-        return frame if frame == ENGINE_CORE_DEAD else self._outputs.decode(frame)
+        if frame.startswith(ENGINE_CORE_DEAD):
+            return decode_engine_dead(frame) or frame
+        return self._outputs.decode(frame)
 
     def collect(
         self, client: int, request_ids: set[str], first_only: bool = False
@@ -129,12 +141,6 @@ class FakeApiServers:
         self.ctx.term()
         for address in self.input_addresses + self.output_addresses:
             unlink_ipc_address(address)
-
-
-def _address(ipc_dir: str | None) -> str:
-    if ipc_dir is None:
-        return get_engine_client_zmq_addr(True, "")
-    return f"ipc://{os.path.join(ipc_dir, uuid.uuid4().hex[:12])}"
 
 
 def _address(ipc_dir: str | None) -> str:

@@ -11,10 +11,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from shoal.protocol import EngineCoreOutputs, EngineDead
 from shoal.serving.args import config_from_args, make_serve_parser
 from tests.serving.api_helpers import TIMEOUT_S, hand_built_topology
 from tests.serving.conftest import TINY_FLAGS
 from tests.serving.engine_faults import run_engine_core_hanging_on_hang
+from tests.serving.engine_harness import FakeApiServers, make_request, tiny_config, tokens
 from tests.serving.test_api_engine_death import _health, _stream_in_background, _wait_for_end
 
 STALL_TIMEOUT_S = 3.0
@@ -58,3 +60,31 @@ def test_engine_stall_timeout_is_a_validated_flag() -> None:
     assert parser.parse_args([]).engine_stall_timeout == 120.0
     with pytest.raises(ValueError, match="--engine-stall-timeout"):
         config_from_args(parser.parse_args(["--engine-stall-timeout", "-1"]))
+
+
+def test_with_restarts_a_hung_engine_exits_itself(tiny_model_dir: str) -> None:
+    """--restart-dead-engines: the engine's own watchdog ends a step that runs past the stall
+    timeout by exiting (code 1, dead notice first), so the launcher restarts it like any
+    dead engine (tests/serving/test_restart_engines.py covers the restart)."""
+    servers = FakeApiServers(num_clients=1)
+    manager = servers.start_engines(
+        tiny_config(tiny_model_dir), target_fn=run_engine_core_hanging_on_hang, stall_exit_s=2.0
+    )
+    try:
+        servers.wait_ready(manager)
+        # Many short steps, well over 2 s in total on a slow machine: no exit.
+        servers.add(0, make_request("fine", max_tokens=100))
+        assert tokens(servers.collect(0, {"fine"})["fine"]) != []
+        assert manager.processes[0].exitcode is None
+        started = time.monotonic()
+        servers.add(0, make_request("hang-1"))
+        while isinstance(notice := servers.recv(0, timeout_s=30), EngineCoreOutputs):
+            pass
+        assert isinstance(notice, EngineDead) and notice.engine_index == 0, notice
+        assert "--engine-stall-timeout" in notice.reason
+        manager.processes[0].join(30)
+        assert manager.processes[0].exitcode == 1
+        assert 2.0 <= time.monotonic() - started < 15
+    finally:
+        manager.shutdown(5)
+        servers.close()

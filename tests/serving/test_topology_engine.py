@@ -11,9 +11,10 @@ import psutil
 import pytest
 
 from shoal.protocol import (
-    ENGINE_CORE_DEAD,
     EngineCoreOutputs,
+    EngineDead,
     FinishReason,
+    KVCacheStatus,
     RequestType,
     encode,
 )
@@ -155,6 +156,32 @@ def test_sigterm_without_drain_aborts_in_flight_requests(model_dir, fake_servers
         manager.shutdown(5)
 
 
+def test_utility_call_runs_the_live_engines_integrity_check(served) -> None:
+    servers, _ = served
+    servers.add(0, make_request("held", max_tokens=200, client_index=1))
+    servers.collect(1, {"held"}, first_only=True)
+    servers.utility(0, 7, "kv_cache_status", client=1)
+    while not isinstance(answer := servers.recv(1), EngineCoreOutputs) or not (
+        answer.utility_output
+    ):
+        pass  # "held"'s token outputs
+    assert answer.utility_output.call_id == 7 and answer.outputs == []
+    busy = answer.utility_output.kv_cache
+    assert busy is not None and busy.integrity == "ok"
+    assert busy.num_blocks == 64 and busy.num_free_blocks < 64  # "held" holds blocks
+    servers.abort(0, ["held"], client=1)
+    servers.collect(1, {"held"})
+    servers.utility(0, 8, "kv_cache_status")
+    idle = servers.recv(0)
+    assert isinstance(idle, EngineCoreOutputs) and idle.utility_output is not None
+    assert idle.utility_output.kv_cache == KVCacheStatus(0, 64, 64, "ok")
+    servers.utility(0, 9, "no_such_method")
+    unknown = servers.recv(0)
+    assert isinstance(unknown, EngineCoreOutputs) and unknown.utility_output is not None
+    assert unknown.utility_output.kv_cache is None
+    assert "no_such_method" in unknown.utility_output.error
+
+
 def test_fatal_error_sends_engine_core_dead_and_exits_non_zero(model_dir) -> None:
     servers = FakeApiServers(num_clients=2)
     manager = servers.start_engines(
@@ -165,8 +192,9 @@ def test_fatal_error_sends_engine_core_dead_and_exits_non_zero(model_dir) -> Non
         servers.add(0, make_request("fine", max_tokens=2))
         servers.collect(0, {"fine"})
         servers.add(0, make_request("boom", max_tokens=2))
-        assert servers.recv(0) == ENGINE_CORE_DEAD
-        assert servers.recv(1) == ENGINE_CORE_DEAD
+        # The dead notice names the engine (--restart-dead-engines fails only its requests).
+        assert servers.recv(0) == EngineDead(0, "fatal error")
+        assert servers.recv(1) == EngineDead(0, "fatal error")
         manager.processes[0].join(30)
         assert manager.processes[0].exitcode == 1
     finally:

@@ -21,13 +21,19 @@ from shoal.protocol import (
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
+    EngineDead,
     EngineLoad,
     EngineReady,
     FinishReason,
+    KVCacheStatus,
     RequestType,
     SchedulerStats,
+    UtilityOutput,
+    UtilityRequest,
+    decode_engine_dead,
     decoder,
     encode,
+    engine_dead_frame,
 )
 from shoal.sampling_params import SamplingParams
 from shoal.serving.coordinator import _LoadTable
@@ -42,6 +48,8 @@ WIRE_TYPES = (
     EngineLoad,
     DPStats,
     EngineAddresses,
+    UtilityRequest,
+    EngineDead,
 )
 DECODERS = {t: decoder(t) for t in WIRE_TYPES}
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,6 +90,11 @@ VALID = [
     encode(EngineLoad(1, 2, 3, 0.25)),
     encode(DPStats([(1, 2), (3, 4)], 1.0)),
     encode(EngineAddresses(["ipc:///a"], ["ipc:///b"])),
+    encode(UtilityRequest(4, "kv_cache_status", 1)),
+    encode(EngineDead(1, "EngineCore_1 died with exit code -9")),
+    encode(
+        EngineCoreOutputs(0, utility_output=UtilityOutput(4, KVCacheStatus(0, 64, 60, "ok"), "e"))
+    ),
 ]
 
 
@@ -89,6 +102,9 @@ def _decode_all(frame: bytes) -> None:
     for dec in DECODERS.values():
         with contextlib.suppress(*WIRE_DECODE_ERRORS):
             dec.decode(frame)
+    # The API server's dead-notice path: the prefix, then whatever follows.
+    with contextlib.suppress(*WIRE_DECODE_ERRORS):
+        decode_engine_dead(engine_dead_frame(0)[:16] + frame)
 
 
 @FUZZ
@@ -142,9 +158,11 @@ def test_engine_input_path_never_raises(frames: list[bytes]) -> None:
         frames,
         DECODERS[EngineCoreRequest],
         DECODERS[AbortRequest],
+        DECODERS[UtilityRequest],
     )
     while not inbox.input_queue.empty():
-        assert isinstance(inbox.input_queue.get(), EngineCoreRequest | AbortRequest)
+        item = inbox.input_queue.get()
+        assert isinstance(item, EngineCoreRequest | AbortRequest | UtilityRequest)
 
 
 @FUZZ
@@ -159,5 +177,20 @@ def test_coordinator_load_path_raises_only_documented_errors(frame: bytes) -> No
 
 
 def test_every_valid_message_round_trips() -> None:
-    for frame, type_ in zip(VALID, WIRE_TYPES, strict=True):
+    for frame, type_ in zip(VALID, [*WIRE_TYPES, EngineCoreOutputs], strict=True):
         assert encode(DECODERS[type_].decode(frame)) == frame
+
+
+@FUZZ
+@given(
+    st.binary(max_size=100) | st.sampled_from(VALID) | msgpack_values.map(msgspec.msgpack.encode)
+)
+def test_api_server_output_path_raises_only_decode_errors(payload: bytes) -> None:
+    # What EngineClient._output_loop does with one frame: a dead notice, or outputs.
+    for frame in (engine_dead_frame(0)[:16] + payload, payload):
+        with contextlib.suppress(*WIRE_DECODE_ERRORS):
+            if frame.startswith(b"ENGINE_CORE_DEAD"):
+                notice = decode_engine_dead(frame)
+                assert notice is None or isinstance(notice.engine_index, int)
+            else:
+                DECODERS[EngineCoreOutputs].decode(frame)
