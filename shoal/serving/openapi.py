@@ -56,7 +56,18 @@ _ROUTES: tuple[tuple[str, str, str, type | None, type | None, tuple[int, ...], b
         True,
     ),
     ("get", "/v1/models", "The served model", None, ModelList, (401,), True),
-    ("get", "/health", "200 while every engine is alive, else 503", None, None, (503,), False),
+    (
+        "get",
+        "/health",
+        (
+            "200 while every engine is alive; with --restart-dead-engines also 200 (a "
+            "'degraded' JSON body) while one restarts and another serves; else 503"
+        ),
+        None,
+        None,
+        (503,),
+        False,
+    ),
     ("get", "/metrics", "Prometheus text of the whole run", None, None, (), False),
     ("get", "/version", "The shoal version", None, None, (), False),
     ("get", "/openapi.json", "This document", None, None, (), False),
