@@ -142,6 +142,10 @@ class KVCacheManager:
             self._ensure_block_hashes(request, num_full)
             self._pending.update(request.block_hashes[start:num_full])
 
+    def num_cached_blocks_of(self, request_id: str) -> int:
+        """Leading blocks of the request's table already offered to the prefix cache."""
+        return self._num_cached_blocks.get(request_id, 0)
+
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's full blocks whose KV is computed (`num_computed_tokens`)."""
         if not self.enable_caching:

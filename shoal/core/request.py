@@ -35,6 +35,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
     RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
+FINISH_REASONS = _FINISH_REASONS  # status -> wire finish reason (final statuses only)
 _FINAL = frozenset(s for s in RequestStatus if s.is_finished)
 # Allowed moves of the state machine (an illegal move is a scheduler bug, hence an assert).
 _TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {

@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Iterable
 
 from shoal.config import CacheConfig, SchedulerConfig
-from shoal.core.iteration import IterationDetails, compute_iteration_details
+from shoal.core.iteration import IterationDetails
 from shoal.core.kv_cache import KVCacheManager, cdiv
-from shoal.core.request import Request, RequestStatus, check_stop
+from shoal.core.request import FINISH_REASONS, Request, RequestStatus, check_stop
 from shoal.core.scheduler_output import (
     CachedRequestData,
     ModelRunnerOutput,
@@ -34,7 +34,16 @@ _RawLogprobs = list[tuple[int, float, int, list[int], list[float]]] | None
 class _StepBatch:
     """The step being built: remaining token budget and what was scheduled so far."""
 
-    __slots__ = ("budget", "new_reqs", "cached", "num_scheduled", "scheduled", "preempted")
+    __slots__ = (
+        "budget",
+        "new_reqs",
+        "cached",
+        "num_scheduled",
+        "scheduled",
+        "preempted",
+        "ctx_reqs",
+        "ctx_tokens",
+    )
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -43,6 +52,10 @@ class _StepBatch:
         self.num_scheduled: dict[str, int] = {}
         self.scheduled: list[tuple[Request, int]] = []
         self.preempted: set[str] = set()
+        # Context (prefill) requests and tokens so far, as compute_iteration_details counts
+        # them: new requests and cached ones without output tokens; the rest is generation.
+        self.ctx_reqs = 0
+        self.ctx_tokens = 0
 
     def add_new(self, request: Request, block_ids: list[int], num_tokens: int) -> None:
         self.new_reqs.append(
@@ -56,15 +69,24 @@ class _StepBatch:
                 eos_token_id=request.eos_token_id,
             )
         )
+        self.ctx_reqs += 1
+        self.ctx_tokens += num_tokens
         self._add(request, num_tokens)
 
     def add_cached(self, request: Request, new_block_ids: list[int], num_tokens: int) -> None:
         cached = self.cached
-        cached.req_ids.append(request.request_id)
+        request_id = request.request_id
+        num_output_tokens = len(request.output_token_ids)
+        cached.req_ids.append(request_id)
         cached.new_block_ids.append(new_block_ids)
         cached.num_computed_tokens.append(request.num_computed_tokens)
-        cached.num_output_tokens.append(request.num_output_tokens)
-        self._add(request, num_tokens)
+        cached.num_output_tokens.append(num_output_tokens)
+        if num_output_tokens == 0:
+            self.ctx_reqs += 1
+            self.ctx_tokens += num_tokens
+        self.num_scheduled[request_id] = num_tokens
+        self.scheduled.append((request, num_tokens))
+        self.budget -= num_tokens
 
     def _add(self, request: Request, num_tokens: int) -> None:
         self.num_scheduled[request.request_id] = num_tokens
@@ -181,16 +203,28 @@ class Scheduler:
 
     def _schedule_running(self, batch: _StepBatch) -> None:
         i = 0
-        while i < len(self.running) and batch.budget > 0:
-            request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, batch.budget)
+        running = self.running
+        tables = self.kv.block_tables
+        block_size = self.block_size
+        while i < len(running) and batch.budget > 0:
+            request = running[i]
+            num_new = min(len(request.all_token_ids) - request.num_computed_tokens, batch.budget)
             if num_new <= 0:
                 i += 1  # nothing to compute (the runner sampled nothing last step)
                 continue
-            new_blocks = self._allocate_or_preempt(request, num_new, batch)
-            if new_blocks is None:
-                return  # the request preempted itself: nothing younger is left
-            batch.add_cached(request, new_blocks, num_new)
+            table = tables.get(request.request_id)
+            if (
+                table is not None
+                and request.num_computed_tokens + num_new <= len(table) * block_size
+            ):
+                # The common decode step: the last block has room (allocate_slots would
+                # return [] without touching anything).
+                batch.add_cached(request, [], num_new)
+            else:
+                new_blocks = self._allocate_or_preempt(request, num_new, batch)
+                if new_blocks is None:
+                    return  # the request preempted itself: nothing younger is left
+                batch.add_cached(request, new_blocks, num_new)
             i += 1
 
     def _allocate_or_preempt(
@@ -252,7 +286,14 @@ class Scheduler:
             output.preempted_req_ids, self._preempted_ids = self._preempted_ids, set()
         for request, num_tokens in batch.scheduled:
             request.num_computed_tokens += num_tokens
-        self._last_details = compute_iteration_details(output)
+        # compute_iteration_details(output), counted while the batch was built.
+        total = output.total_num_scheduled_tokens
+        self._last_details = IterationDetails(
+            batch.ctx_reqs,
+            batch.ctx_tokens,
+            len(batch.num_scheduled) - batch.ctx_reqs,
+            total - batch.ctx_tokens,
+        )
         self._step_prefix_stats = self.kv.take_prefix_cache_stats()
         return output
 
@@ -264,18 +305,27 @@ class Scheduler:
         """Register newly computed full blocks, append sampled tokens, apply stop conditions
         and free finished requests. Returns one output per request that got tokens."""
         index = {rid: i for i, rid in enumerate(runner_output.req_ids)}
+        sampled = runner_output.sampled_token_ids
+        all_logprobs = runner_output.logprobs
+        num_logprobs = len(all_logprobs)
+        requests = self.requests
+        kv = self.kv
+        caching = kv.enable_caching
+        block_size = self.block_size
+        num_cached_blocks = kv.num_cached_blocks_of
         outputs = []
         any_finished = False
         for req_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests.get(req_id)
+            request = requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
-            self.kv.cache_full_blocks(request)
+            if caching and request.num_computed_tokens // block_size > num_cached_blocks(req_id):
+                kv.cache_full_blocks(request)  # only when a block filled
             i = index.get(req_id)
-            if i is None or not runner_output.sampled_token_ids[i]:
+            if i is None or not sampled[i]:
                 continue  # a prefill chunk short of the last token: nothing sampled
-            logprobs = runner_output.logprobs[i] if i < len(runner_output.logprobs) else None
-            output = self._append_tokens(request, runner_output.sampled_token_ids[i], logprobs)
+            logprobs = all_logprobs[i] if i < num_logprobs else None
+            output = self._append_tokens(request, sampled[i], logprobs)
             outputs.append(output)
             any_finished |= output.finish_reason is not None
         if any_finished:
@@ -287,7 +337,8 @@ class Scheduler:
     ) -> EngineCoreOutput:
         new_token_ids = []
         for token_id in token_ids:
-            request.append_output_token(token_id)
+            request.output_token_ids.append(token_id)
+            request.all_token_ids.append(token_id)
             new_token_ids.append(token_id)
             if check_stop(request, self.max_model_len):
                 self._release(request, runner_holds_it=True)
@@ -295,9 +346,9 @@ class Scheduler:
         output = EngineCoreOutput(
             request.request_id,
             new_token_ids,
-            new_logprobs=_to_wire_logprobs(logprobs, len(new_token_ids)),
-            finish_reason=request.status.finish_reason,
-            stop_reason=request.stop_reason,
+            _to_wire_logprobs(logprobs, len(new_token_ids)) if logprobs is not None else None,
+            FINISH_REASONS.get(request.status),
+            request.stop_reason,
         )
         if not request.has_sent_output:
             request.has_sent_output = True

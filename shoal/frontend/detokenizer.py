@@ -22,17 +22,43 @@ class IncrementalDetokenizer:
         self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool
     ) -> None:
         self._backend = tokenizer.backend
-        self._stream = DecodeStream(
-            ids=prompt_token_ids[-PROMPT_CONTEXT_TOKENS:], skip_special_tokens=skip_special_tokens
-        )
+        self._plain = tokenizer.plain_token_text
+        self._known = tokenizer.plain_texts  # its cache: a hit skips the method call
+        context = prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+        self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+        # True while tokens must go through the decode stream: after it returned nothing (a
+        # partial character, or a token that decodes to nothing) until it yields again, and
+        # for good when the prompt may end inside a character (then the stream's handling of
+        # the broken bytes decides what is shown).
+        self._pending = not all(self._plain(t) is not None for t in context)
+        self._fast = not self._pending
 
     def update(self, token_ids: list[int]) -> str:
         """The text that `token_ids` (the next generated tokens) add."""
+        if len(token_ids) == 1 and not self._pending:
+            # Fast path: a plain token after text that ended on a character boundary adds
+            # its own text (byte-level decoding concatenates bytes). The stream does not
+            # see it; its context is only ever used for text past a boundary, where the
+            # byte-level result does not depend on earlier tokens.
+            token_id = token_ids[0]
+            text = self._known.get(token_id)
+            if text is None:
+                text = self._plain(token_id)
+            if text is not None:
+                return text
         pieces = []
         for token_id in token_ids:
+            if not self._pending:
+                text = self._plain(token_id)
+                if text is not None:
+                    pieces.append(text)
+                    continue
             piece = self._stream.step(self._backend, token_id)
             if piece:
                 pieces.append(piece)
+                self._pending = not self._fast
+            else:
+                self._pending = True
         return "".join(pieces)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from shoal.frontend.detokenizer import IncrementalDetokenizer, find_stop_string, stop_prefix_len
 from shoal.frontend.outputs import (
@@ -39,7 +40,13 @@ class _TextBuffer:
 
     def since(self, offset: int) -> str:
         """The text from character `offset` to the end (walks back over the last chunks)."""
-        need, parts = self.length - offset, []
+        need = self.length - offset
+        if need <= 0:
+            return ""
+        last = self._chunks[-1]
+        if len(last) >= need:  # the common case: only the newest chunk
+            return last if len(last) == need else last[len(last) - need :]
+        parts = []
         for chunk in reversed(self._chunks):
             if need <= 0:
                 break
@@ -158,24 +165,29 @@ class OutputProcessor:
         Returns the `RequestOutput`s due (per request, as its output kind says) and the engine
         request ids that a stop string finished here, which the caller must abort in the
         engine. Outputs for unknown ids (already finished or aborted) are ignored."""
-        touched: dict[str, tuple[_RequestState, list[_Sequence]]] = {}
+        # request id -> [its state, the sequences it got outputs for...], in arrival order
+        touched: dict[str, list[Any]] = {}
         to_abort: list[str] = []
+        by_engine_id = self._by_engine_id
         for output in outputs:
-            found = self._by_engine_id.get(output.request_id)
+            found = by_engine_id.get(output.request_id)
             if found is None:
                 continue
             state, seq = found
             if self._update(state, seq, output):
                 to_abort.append(seq.engine_id)
             if seq.finish_reason is not None:
-                del self._by_engine_id[seq.engine_id]
+                del by_engine_id[seq.engine_id]
                 state.num_unfinished -= 1
-            seqs = touched.setdefault(state.request_id, (state, []))[1]
-            if seq not in seqs:
-                seqs.append(seq)
+            entry = touched.get(state.request_id)
+            if entry is None:
+                touched[state.request_id] = [state, seq]
+            elif seq not in entry:
+                entry.append(seq)
         results = []
-        for state, seqs in touched.values():
-            result = self._make_output(state, seqs)
+        for entry in touched.values():
+            state = entry[0]
+            result = self._make_output(state, entry[1:])
             if result is not None:
                 results.append(result)
             if state.num_unfinished == 0:
@@ -194,8 +206,11 @@ class OutputProcessor:
             self._add_logprobs(seq, output.new_logprobs)
         if seq.detokenizer is not None and new_ids:
             new_text = seq.detokenizer.update(new_ids)
-            if new_text and self._check_stop(state, seq, new_text):
-                return not output.finished
+            if new_text:
+                if not state.max_stop_len:
+                    seq.text.append(new_text)
+                elif self._check_stop(state, seq, new_text):
+                    return not output.finished
         if output.finish_reason is not None:
             seq.finish_reason = str(output.finish_reason)
             seq.stop_reason = output.stop_reason
@@ -243,7 +258,11 @@ class OutputProcessor:
         elif state.kind == RequestOutputKind.CUMULATIVE:
             outputs = [self._full(state, seq) for seq in state.sequences]
         else:
-            outputs = [o for o in (self._delta(state, seq) for seq in seqs) if o is not None]
+            outputs = []
+            for seq in seqs:
+                delta = self._delta(state, seq)
+                if delta is not None:
+                    outputs.append(delta)
             if not outputs and not finished:
                 return None
         return RequestOutput(
@@ -286,8 +305,12 @@ class OutputProcessor:
         new_tokens = seq.token_ids[seq.num_sent_tokens :]
         if not new_tokens and seq.finish_reason is None:
             return None
-        visible = self._visible_len(state, seq)
-        text = seq.text.since(seq.num_sent_chars)[: max(0, visible - seq.num_sent_chars)]
+        if state.max_stop_len:
+            visible = self._visible_len(state, seq)
+            text = seq.text.since(seq.num_sent_chars)[: max(0, visible - seq.num_sent_chars)]
+        else:  # no stop strings: all new text is visible, nothing is ever cut
+            visible = seq.text.length
+            text = seq.text.since(seq.num_sent_chars)
         logprobs = seq.logprobs[seq.num_sent_tokens :] if seq.logprobs is not None else None
         seq.num_sent_chars = max(seq.num_sent_chars, visible)
         seq.num_sent_tokens = len(seq.token_ids)

@@ -54,6 +54,10 @@ class Tokenizer:
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._is_byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
+        # token id -> its text when decoding it never depends on its neighbours (see
+        # `plain_token_text`); filled lazily.
+        self.plain_texts: dict[int, str | None] = {}
+        self._added_ids = frozenset(added)
 
     # ----------------------------------------------------------------------------- loading
 
@@ -168,6 +172,24 @@ class Tokenizer:
             return bytes(_UNICODE_TO_BYTE.get(ch, 0) for ch in token)
         return self.token_text(token_id).encode("utf-8")
 
+    def plain_token_text(self, token_id: int) -> str | None:
+        """The token's text when it is "plain": a byte-level vocabulary entry (not an added
+        token) whose bytes are complete UTF-8. Decoding a byte-level sequence concatenates
+        its tokens' bytes, so such a token adds exactly this text after any text that ended
+        on a character boundary. None otherwise (other decoders, partial characters)."""
+        text = self.plain_texts.get(token_id, _UNKNOWN)
+        if text is _UNKNOWN:
+            text = None
+            if self._is_byte_level and token_id not in self._added_ids:
+                token = self.backend.id_to_token(token_id)
+                if token is not None and all(ch in _UNICODE_TO_BYTE for ch in token):
+                    try:
+                        text = bytes(_UNICODE_TO_BYTE[ch] for ch in token).decode("utf-8")
+                    except UnicodeDecodeError:
+                        text = None
+            self.plain_texts[token_id] = text
+        return text
+
     def apply_chat_template(
         self,
         messages: Any,
@@ -217,6 +239,7 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 _UNICODE_TO_BYTE = _byte_alphabet()
+_UNKNOWN: Any = object()
 
 
 def _read_json(path: str) -> dict[str, Any]:

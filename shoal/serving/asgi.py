@@ -136,13 +136,18 @@ def json_response(
 
 
 class StreamingResponse:
-    """Server-sent events: each item of `events` is one encoded `data:` payload. An error
+    """Server-sent events: each item of `events` is one encoded `data:` payload, or with
+    `framed` one or more complete events (`data: ...\n\n` each, written at once). An error
     after the headers went out is sent as a final `data: {"error": ...}` event."""
 
     def __init__(
-        self, events: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]] | None = None
+        self,
+        events: AsyncIterator[bytes],
+        headers: list[tuple[bytes, bytes]] | None = None,
+        framed: bool = False,
     ) -> None:
         self.events = events
+        self.framed = framed
         self.headers = [
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache"),
@@ -152,14 +157,18 @@ class StreamingResponse:
     async def send(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         try:
-            async for payload in self.events:
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": b"data: " + payload + b"\n\n",
-                        "more_body": True,
-                    }
-                )
+            if self.framed:
+                async for data in self.events:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            else:
+                async for payload in self.events:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: " + payload + b"\n\n",
+                            "more_body": True,
+                        }
+                    )
         except Exception as e:
             _, body = error_for(e)
             await send(

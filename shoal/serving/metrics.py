@@ -20,6 +20,7 @@ import contextlib
 import glob
 import mmap
 import os
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from shoal.logger import init_logger
@@ -168,11 +169,8 @@ class MetricsStore:
 
     def observe(self, hist: HistogramDef, value: float) -> None:
         base = self._hist_offset[hist.name]
-        i = 0
-        for bound in hist.buckets:
-            if value <= bound:
-                break
-            i += 1
+        # The first bucket with value <= bound (len(buckets): +Inf).
+        i = bisect_left(hist.buckets, value)
         # Buckets hold plain (non-cumulative) counts; exposition accumulates them.
         self.slots[base + i] += 1
         self.slots[base + len(hist.buckets) + 1] += value

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 import msgspec
@@ -15,6 +17,7 @@ from shoal.frontend.tokenizer import Tokenizer
 from shoal.serving.asgi import HTTPError, Request, Response, StreamingResponse, json_response
 from shoal.serving.async_engine import AsyncEngine
 from shoal.serving.openai_format import (
+    EngineRequestError,
     chat_logprobs,
     check_finish,
     completion_logprobs,
@@ -104,7 +107,7 @@ async def create_completion(ctx: ServingContext, request: Request) -> Response |
     echoes = [_prompt_text(ctx.tokenizer, p) if body.echo else "" for p in processed]
     if body.stream:
         events = _completion_events(ctx, body, ids.public, processed, echoes)
-        return StreamingResponse(events, ids.headers)
+        return StreamingResponse(events, ids.headers, framed=True)
     results = await gather_or_cancel([_final(ctx.engine, p) for p in processed])
     choices = []
     for i, result in enumerate(results):
@@ -138,22 +141,52 @@ async def _completion_events(
     processed: list[ProcessedRequest],
     echoes: list[str],
 ) -> AsyncIterator[bytes]:
-    created, n = now_s(), body.n
+    """Complete SSE frames (`data: ...\n\n`): every chunk one `RequestOutput` produces goes
+    out in one write. Text-only chunks (no logprobs, not finished) are built from a
+    pre-encoded template; the bytes equal the msgspec encoding of the same chunk."""
+    created, n, model = now_s(), body.n, ctx.model_name
     offsets: dict[int, int] = {}  # choice index -> characters sent (logprobs text_offset)
     num_tokens: dict[int, int] = {}
-    streams = [ctx.engine.generate(p, RequestOutputKind.DELTA) for p in processed]
-    async for i, result in merge(streams):
+    templates: dict[int, tuple[bytes, bytes] | None] = {}
+    want_logprobs = body.logprobs is not None
+    failed: list[bytes] = []
+
+    def frames(i: int, result: RequestOutput) -> bytes:
+        parts: list[bytes] = []
         for output in result.outputs:
-            check_finish(output)
+            if output.finish_reason == "error":
+                failed.append(b"".join(parts))  # what came before goes out first
+                check_finish(output)
             index = i * n + output.index
             text = output.text
+            num_tokens[index] = num_tokens.get(index, 0) + len(output.token_ids)
+            if (
+                index in offsets
+                and not want_logprobs
+                and output.finish_reason is None
+                and output.stop_reason is None
+            ):
+                # The common streamed chunk: only text.
+                offsets[index] += len(text)
+                if not text and not output.token_ids:
+                    continue
+                template = templates.get(index, _NO_TEMPLATE)
+                if template is _NO_TEMPLATE:
+                    template = templates[index] = _completion_template(
+                        request_id, created, model, index
+                    )
+                if template is not None:
+                    parts.append(template[0] + _encode(text) + template[1])
+                    continue
+                choice = CompletionChoice(index, text)
+                parts.append(_frame(CompletionResponse(request_id, created, model, [choice])))
+                continue
             if index not in offsets:
                 text, offsets[index] = echoes[i] + text, len(echoes[i])
-            num_tokens[index] = num_tokens.get(index, 0) + len(output.token_ids)
             logprobs = None
-            if body.logprobs is not None:
+            if want_logprobs:
                 logprobs, offsets[index] = completion_logprobs(
-                    output, body.logprobs, offsets[index]
+                    output, body.logprobs or 0, offsets[index]
                 )
             elif text:
                 offsets[index] += len(text)
@@ -162,10 +195,63 @@ async def _completion_events(
             choice = CompletionChoice(
                 index, text, logprobs, output.finish_reason, output.stop_reason
             )
-            yield _encode(CompletionResponse(request_id, created, ctx.model_name, [choice]))
+            parts.append(_frame(CompletionResponse(request_id, created, model, [choice])))
+        return b"".join(parts)
+
+    streams = [ctx.engine.generate(p, RequestOutputKind.DELTA) for p in processed]
+    try:
+        if len(streams) == 1:
+            # One engine request (n may still be > 1): no merge layer per token.
+            async with contextlib.aclosing(streams[0]) as stream:  # type: ignore[type-var]
+                async for result in stream:
+                    data = frames(0, result)
+                    if data:
+                        yield data
+        else:
+            async for i, result in merge(streams):
+                data = frames(i, result)
+                if data:
+                    yield data
+    except EngineRequestError:
+        if failed and failed[0]:
+            yield failed[0]
+        raise
     if body.include_usage:
         usage = _stream_usage(processed, num_tokens)
-        yield _encode(CompletionResponse(request_id, created, ctx.model_name, [], usage))
+        yield _frame(CompletionResponse(request_id, created, model, [], usage))
+
+
+_NO_TEMPLATE: Any = object()
+# A text placeholder whose JSON encoding cannot occur elsewhere in a chunk (ids and model
+# names come from headers and arguments; a NUL in them only disables the template).
+_PLACEHOLDER = "\x00"
+_PLACEHOLDER_JSON = b'"\\u0000"'
+
+
+def _split_template(encoded: bytes) -> tuple[bytes, bytes] | None:
+    """(`data: ` + what comes before the placeholder, what comes after + blank line)."""
+    if encoded.count(_PLACEHOLDER_JSON) != 1:
+        return None
+    before, after = encoded.split(_PLACEHOLDER_JSON)
+    return b"data: " + before, after + b"\n\n"
+
+
+def _completion_template(
+    request_id: str, created: int, model: str, index: int
+) -> tuple[bytes, bytes] | None:
+    choice = CompletionChoice(index, _PLACEHOLDER)
+    return _split_template(_encode(CompletionResponse(request_id, created, model, [choice])))
+
+
+def _chat_template(
+    request_id: str, created: int, model: str, index: int
+) -> tuple[bytes, bytes] | None:
+    choice = ChatStreamChoice(index, DeltaMessage(content=_PLACEHOLDER))
+    return _split_template(_encode(ChatCompletionChunk(request_id, created, model, [choice])))
+
+
+def _frame(obj: Any) -> bytes:
+    return b"data: " + _encode(obj) + b"\n\n"
 
 
 def _stream_usage(processed: list[ProcessedRequest], num_tokens: dict[int, int]) -> UsageInfo:
@@ -200,7 +286,8 @@ async def create_chat_completion(
     )
     num_top = body.top_logprobs or 0
     if body.stream:
-        return StreamingResponse(_chat_events(ctx, body, ids.public, processed), ids.headers)
+        events = _chat_events(ctx, body, ids.public, processed)
+        return StreamingResponse(events, ids.headers, framed=True)
     result = await _final(ctx.engine, processed)
     choices = [
         ChatChoice(
@@ -221,29 +308,53 @@ async def create_chat_completion(
 async def _chat_events(
     ctx: ServingContext, body: ChatCompletionRequest, request_id: str, processed: ProcessedRequest
 ) -> AsyncIterator[bytes]:
+    """Complete SSE frames, as `_completion_events`."""
     created, model = now_s(), ctx.model_name
     num_top = body.top_logprobs or 0
     # The first chunk of every choice names the role (OpenAI's shape).
     first = [ChatStreamChoice(i, DeltaMessage(role="assistant", content="")) for i in range(body.n)]
-    yield _encode(ChatCompletionChunk(request_id, created, model, first))
+    yield _frame(ChatCompletionChunk(request_id, created, model, first))
     num_tokens = 0
-    async for _, result in merge([ctx.engine.generate(processed, RequestOutputKind.DELTA)]):
-        choices = []
-        for output in result.outputs:
-            check_finish(output)
-            num_tokens += len(output.token_ids)
-            if not output.text and output.finish_reason is None and not output.token_ids:
-                continue
-            logprobs = chat_logprobs(output, num_top, ctx.tokenizer) if body.logprobs else None
-            delta = DeltaMessage(content=output.text if output.text else None)
-            choices.append(
-                ChatStreamChoice(
-                    output.index, delta, logprobs, output.finish_reason, output.stop_reason
+    templates: dict[int, tuple[bytes, bytes] | None] = {}
+    async with contextlib.aclosing(  # type: ignore[type-var]
+        ctx.engine.generate(processed, RequestOutputKind.DELTA)
+    ) as stream:
+        async for result in stream:
+            outputs = result.outputs
+            if len(outputs) == 1 and not body.logprobs:
+                output = outputs[0]
+                check_finish(output)
+                num_tokens += len(output.token_ids)
+                if output.text and output.finish_reason is None and output.stop_reason is None:
+                    # The common streamed chunk: one choice, only text.
+                    template = templates.get(output.index, _NO_TEMPLATE)
+                    if template is _NO_TEMPLATE:
+                        template = templates[output.index] = _chat_template(
+                            request_id, created, model, output.index
+                        )
+                    if template is not None:
+                        yield template[0] + _encode(output.text) + template[1]
+                        continue
+                counted = True
+            else:
+                counted = False
+            choices = []
+            for output in outputs:
+                if not counted:
+                    check_finish(output)
+                    num_tokens += len(output.token_ids)
+                if not output.text and output.finish_reason is None and not output.token_ids:
+                    continue
+                logprobs = chat_logprobs(output, num_top, ctx.tokenizer) if body.logprobs else None
+                delta = DeltaMessage(content=output.text if output.text else None)
+                choices.append(
+                    ChatStreamChoice(
+                        output.index, delta, logprobs, output.finish_reason, output.stop_reason
+                    )
                 )
-            )
-        if choices:
-            yield _encode(ChatCompletionChunk(request_id, created, model, choices))
+            if choices:
+                yield _frame(ChatCompletionChunk(request_id, created, model, choices))
     if body.include_usage:
         prompt = len(processed.prompt_token_ids)
         usage = UsageInfo(prompt, num_tokens, prompt + num_tokens)
-        yield _encode(ChatCompletionChunk(request_id, created, model, [], usage))
+        yield _frame(ChatCompletionChunk(request_id, created, model, [], usage))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.config import CacheConfig, SchedulerConfig
+from shoal.core.iteration import compute_iteration_details
 from shoal.core.request import Request
 from shoal.core.scheduler import Scheduler
 from shoal.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -164,6 +165,16 @@ def step(
     assert so.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
     assert len(so.num_scheduled_tokens) <= scheduler.max_num_seqs
     assert all(n > 0 for n in so.num_scheduled_tokens.values())
+    # The scheduler counts the step's context / generation split while it builds the step.
+    details, stats = compute_iteration_details(so), scheduler.get_stats()
+    assert (details.num_ctx_requests, details.num_ctx_tokens) == (
+        stats.num_ctx_requests,
+        stats.num_ctx_tokens,
+    )
+    assert (details.num_generation_requests, details.num_generation_tokens) == (
+        stats.num_generation_requests,
+        stats.num_generation_tokens,
+    )
     scheduler.check_integrity()
     mro = runner.execute_model(so) if so.total_num_scheduled_tokens else ModelRunnerOutput()
     outputs = scheduler.update_from_output(so, mro)
