@@ -37,20 +37,25 @@ _TTFT, _ITL, _E2E = HISTOGRAMS
 class _Stream:
     """The outputs of one request, waiting for its HTTP handler."""
 
-    __slots__ = ("items", "event")
+    __slots__ = ("items", "waiter")
 
     def __init__(self) -> None:
         self.items: deque[RequestOutput | BaseException] = deque()
-        self.event = asyncio.Event()
+        # The handler's future while it waits (a bare future costs less than asyncio.Event).
+        self.waiter: asyncio.Future[None] | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.items.append(item)
-        self.event.set()
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():  # done: the waiting handler was cancelled
+                waiter.set_result(None)
 
     async def get(self) -> RequestOutput | BaseException:
         while not self.items:
-            self.event.clear()
-            await self.event.wait()
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
         return self.items.popleft()
 
 
@@ -175,8 +180,11 @@ class AsyncEngine:
                 outputs.engine_index, outputs.timestamp, outputs.scheduler_stats
             )
         now = time.monotonic()
+        num_generated = 0
         for output in outputs.outputs:
-            self._record(output, now)
+            num_generated += self._record(output, now)
+        if num_generated:
+            self.metrics.inc("generation_tokens_total", num_generated)
         request_outputs, to_abort = self.output_processor.process_outputs(outputs.outputs)
         for request_output in request_outputs:
             stream = self._streams.get(request_output.request_id)
@@ -191,11 +199,14 @@ class AsyncEngine:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    def _record(self, output: EngineCoreOutput, now: float) -> None:
+    def _record(self, output: EngineCoreOutput, now: float) -> int:
+        """Latency metrics of one output; returns how many generated tokens it carries (the
+        caller adds them to `generation_tokens_total` once per message)."""
         timing = self._timings.get(output.request_id)
         if timing is None:
-            return
-        if output.new_token_ids:
+            return 0
+        num_generated = len(output.new_token_ids)
+        if num_generated:
             if not timing.has_output:
                 timing.has_output = True
                 self.metrics.observe(_TTFT, now - timing.arrival_s)
@@ -203,9 +214,9 @@ class AsyncEngine:
             else:
                 self.metrics.observe(_ITL, now - timing.last_output_s)
             timing.last_output_s = now
-            self.metrics.inc("generation_tokens_total", len(output.new_token_ids))
         if output.finish_reason is not None:
             self._finish_timing(output.request_id, str(output.finish_reason), now)
+        return num_generated
 
     def _finish_timing(self, engine_id: str, reason: str, now: float) -> None:
         timing = self._timings.pop(engine_id, None)
