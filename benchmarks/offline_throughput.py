@@ -3,12 +3,16 @@
     python benchmarks/offline_throughput.py                       # 64 x (128 in, 128 out)
     python benchmarks/offline_throughput.py --num-prompts 8 --input-len 32 --output-len 16
     python benchmarks/offline_throughput.py --skip-hf --out /tmp/shoal.json
+    python benchmarks/offline_throughput.py --quantization none,int8   # both, one HF baseline
 
 Random prompts (token ids drawn from the vocabulary, special tokens left out), greedy, every
 request generating exactly --output-len tokens (ignore_eos). Prints output tok/s, prefill
 tok/s (a separate max_tokens=1 pass over other random prompts, so the prefix cache cannot
 help) and peak RSS for shoal, then the same for transformers (batch --hf-batch-size, each
 --hf-dtypes entry), the ratios, and writes everything as JSON to --out. Progress on stderr.
+With several --quantization entries shoal runs once per entry (fresh engine each) against
+one transformers baseline; "shoal" in the JSON is the first entry, "shoal_runs" all of them
+(peak RSS is the process's, so it only grows from one entry to the next).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from shoal import LLM, SamplingParams  # noqa: E402
-from shoal.config import DTYPES, LOAD_FORMATS  # noqa: E402
+from shoal.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS  # noqa: E402
 from shoal.model_source import resolve_model  # noqa: E402
 
 
@@ -42,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="shoal's dtype")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        help=f"comma-separated shoal weight quantizations to run in turn: none, "
+        f"{', '.join(QUANTIZATIONS)} (default: %(default)s)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: --num-prompts")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument(
@@ -64,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("num_prompts", "input_len", "output_len", "hf_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be at least 1")
+    args.quantizations = [q.strip() for q in args.quantization.split(",") if q.strip()]
+    for q in args.quantizations:
+        if q != "none" and q not in QUANTIZATIONS:
+            p.error(f"--quantization: {q!r} is not none or one of {QUANTIZATIONS}")
     return args
 
 
@@ -84,11 +98,13 @@ def random_prompts(llm: LLM, count: int, length: int, seed: int) -> list[list[in
     return [[rng.choice(candidates) for _ in range(length)] for _ in range(count)]
 
 
-def run_shoal(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[int]], list[list[int]]]:
+def run_shoal(
+    args: argparse.Namespace, quantization: str
+) -> tuple[dict[str, Any], list[list[int]], list[list[int]]]:
     num_blocks = args.num_blocks or args.num_prompts * (
         -(-(args.input_len + args.output_len) // 16) + 1
     )
-    log(f"shoal: loading ({args.dtype}, {num_blocks} KV blocks) ...")
+    log(f"shoal: loading ({args.dtype}, quantization {quantization}, {num_blocks} KV blocks) ...")
     start = time.perf_counter()
     llm = LLM(
         args.model,
@@ -99,6 +115,7 @@ def run_shoal(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[int]]
         max_num_seqs=args.max_num_seqs or args.num_prompts,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
+        quantization=None if quantization == "none" else quantization,
     )
     load_s = time.perf_counter() - start
     prompts = random_prompts(llm, args.num_prompts, args.input_len, args.seed)
@@ -123,6 +140,7 @@ def run_shoal(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[int]]
     outputs = [o.outputs[0].token_ids for o in outs]
     num_out = sum(map(len, outputs))
     result = {
+        "quantization": quantization,
         "load_s": load_s,
         "elapsed_s": elapsed,
         "num_steps": llm.stats.num_steps - steps_before,
@@ -225,29 +243,49 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    shoal_result, prompts, outputs = run_shoal(args)
+    import gc
+
+    runs: dict[str, dict[str, Any]] = {}
+    all_outputs: dict[str, list[list[int]]] = {}
+    for quantization in args.quantizations:
+        result, prompts, all_outputs[quantization] = run_shoal(args, quantization)
+        gc.collect()  # the previous engine's weights and KV cache
+        runs[quantization] = result
+        print(
+            f"shoal ({args.dtype}, quantization {quantization}): "
+            f"{result['output_tok_per_s']:.1f} output tok/s, "
+            f"{result['prefill_tok_per_s']:.1f} prefill tok/s, "
+            f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+        )
+    first = args.quantizations[0]
+    outputs = all_outputs[first]
+    for quantization in args.quantizations[1:]:
+        same = sum(a == b for a, b in zip(all_outputs[quantization], outputs, strict=True))
+        runs[quantization][f"num_sequences_identical_to_{first}"] = same
+        print(f"quantization {quantization}: {same}/{len(outputs)} sequences identical to {first}")
     report: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": machine(),
-        "shoal": shoal_result,
+        "shoal": runs[first],
+        "shoal_runs": runs,
         "hf": {},
         "ratios": {},
     }
-    print(
-        f"shoal ({args.dtype}): {shoal_result['output_tok_per_s']:.1f} output tok/s, "
-        f"{shoal_result['prefill_tok_per_s']:.1f} prefill tok/s, "
-        f"peak RSS {shoal_result['peak_rss_mib']:.0f} MiB"
-    )
     if not args.skip_hf:
         for dtype_name in [d.strip() for d in args.hf_dtypes.split(",") if d.strip()]:
             hf = run_hf(args, dtype_name, prompts, outputs)
-            ratio = shoal_result["output_tok_per_s"] / hf["output_tok_per_s"]
             report["hf"][dtype_name] = hf
-            report["ratios"][f"output_tok_per_s_vs_hf_{dtype_name}"] = ratio
+            for quantization, result in runs.items():
+                ratio = result["output_tok_per_s"] / hf["output_tok_per_s"]
+                suffix = "" if quantization == first else f"_{quantization}"
+                report["ratios"][f"output_tok_per_s_vs_hf_{dtype_name}{suffix}"] = ratio
+                print(
+                    f"transformers ({dtype_name}, batch {args.hf_batch_size}): "
+                    f"{hf['output_tok_per_s']:.1f} output tok/s, {hf['prefill_tok_per_s']:.1f} "
+                    f"prefill tok/s; shoal ({quantization}) / transformers = {ratio:.2f}x"
+                )
             print(
-                f"transformers ({dtype_name}, batch {args.hf_batch_size}): "
-                f"{hf['output_tok_per_s']:.1f} output tok/s, {hf['prefill_tok_per_s']:.1f} "
-                f"prefill tok/s; shoal / transformers = {ratio:.2f}x; identical sequences "
+                f"identical sequences (shoal {first} vs transformers): "
                 f"{hf['num_sequences_identical_to_shoal']}/{len(prompts)}"
             )
     out = args.out or os.path.join(

@@ -3,6 +3,8 @@ decode steps (matmuls, attention, LM head, sampling, input preparation, schedule
 
     python benchmarks/profile_engine_step.py                  # default model, batch 1 and 64
     python benchmarks/profile_engine_step.py --tiny --batch 64
+    python benchmarks/profile_engine_step.py --quantization int8 --batch 1,16,64
+    python benchmarks/profile_engine_step.py --quantization int8 --threads 2 --timing-only
 
 Runs the offline engine (shoal's `LLM`, the same `EngineCore.step()` the server runs) in this
 process and measures with the thread's CPU clock (`time.thread_time`, also cProfile's timer),
@@ -110,6 +112,8 @@ def profile_batch(llm: LLM, batch: int, args: argparse.Namespace, rng: random.Ra
         f"decode:  {decode_step_s * 1e3:.1f} ms CPU per step = {decode_step_s / batch * 1e3:.2f} "
         f"ms per token ({batch / decode_wall:.0f} tok/s wall; no profiler)"
     )
+    if args.timing_only:
+        return
     # Profile prefill + decode, then subtract a prefill-only profile: the difference covers
     # the decode steps only.
     decode = _profiled(llm, random_prompts(vocab, batch, args.input_len, rng), args.output_len + 1)
@@ -149,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32, help="decode steps measured")
     p.add_argument("--top", type=int, default=0, help="also print the top-N functions")
+    p.add_argument("--quantization", default=None, choices=["int8"], help="default: none")
+    p.add_argument(
+        "--timing-only", action="store_true", help="prefill and decode timings, no profile"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -164,11 +172,17 @@ def main(argv: list[str] | None = None) -> int:
             from tests.helpers import make_tiny_model_dir
 
             model, load_format = make_tiny_model_dir(os.path.join(tmp, "tiny")), "dummy"
-        llm = LLM(model, load_format=load_format, max_model_len=1024, num_blocks=2048)
+        llm = LLM(
+            model, load_format=load_format, max_model_len=1024, num_blocks=2048,
+            quantization=args.quantization,
+        )  # fmt: skip
         import torch
 
         torch.set_num_threads(args.threads)
-        print(f"model {model or 'default'}; torch threads {torch.get_num_threads()}")
+        print(
+            f"model {model or 'default'}; quantization {args.quantization}; torch threads "
+            f"{torch.get_num_threads()}; load average {os.getloadavg()}"
+        )
         for batch in (int(b) for b in args.batch.split(",")):
             profile_batch(llm, batch, args, rng)
     return 0

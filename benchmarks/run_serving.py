@@ -43,7 +43,7 @@ class Workload:
 
 @dataclass
 class ServerSpec:
-    name: str  # "bare-1", "tiny-1", "tiny-2", "default-1"
+    name: str  # "bare-1", "tiny-1", "tiny-2", "default-1", "int8-1"
     kind: str  # "bare" or "shoal"
     model_label: str
     num_api_servers: int
@@ -73,6 +73,14 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
             "SmolLM2-135M-Instruct Q4_1 (default)",
             1,
             [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)],
+        ),
+        ServerSpec(
+            "int8-1",
+            "shoal",
+            "SmolLM2-135M-Instruct, --quantization int8",
+            1,
+            [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)],
+            ["--quantization", "int8"],
         ),
     ]
     if args.concurrency:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("cpu", "cuda", "auto")
+# Weight quantizations applied at load (None = weights kept in `dtype`).
+QUANTIZATIONS = ("int8",)
 
 
 def _check(cond: bool, flag: str, msg: str) -> None:
@@ -32,9 +34,23 @@ class ModelConfig:
     seed: int = 0
     # The name clients use in the `model` field; None = derived from the model path.
     served_model_name: str | None = None
+    # "int8": every Linear of the layers and the LM head as int8 (per-output-channel weight
+    # scales, per-token activation scales; CPU float32 only). None = unquantized.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "--dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(
+            self.quantization is None or self.quantization in QUANTIZATIONS,
+            "--quantization",
+            f"must be one of {QUANTIZATIONS} or None, got {self.quantization!r}",
+        )
+        _check(
+            self.quantization is None
+            or (self.dtype in ("float32", "auto") and self.device in ("cpu", "auto")),
+            "--quantization",
+            f"{self.quantization} needs --dtype float32 and --device cpu",
+        )
         _check(
             self.load_format in LOAD_FORMATS,
             "--load-format",

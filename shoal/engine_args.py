@@ -12,7 +12,15 @@ from typing import Any
 
 import msgspec
 
-from shoal.config import DEVICES, DTYPES, LOAD_FORMATS, CacheConfig, ModelConfig, SchedulerConfig
+from shoal.config import (
+    DEVICES,
+    DTYPES,
+    LOAD_FORMATS,
+    QUANTIZATIONS,
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 
 ArgGroup = argparse.ArgumentParser | argparse._ArgumentGroup
 
@@ -29,7 +37,7 @@ def config_default(cls: type, name: str) -> Any:
 
 
 def add_model_args(g: ArgGroup) -> None:
-    """--tokenizer, --dtype, --load-format, --max-model-len, --device."""
+    """--tokenizer, --dtype, --load-format, --max-model-len, --device, --quantization."""
     g.add_argument(
         "--tokenizer",
         default=config_default(ModelConfig, "tokenizer"),
@@ -58,6 +66,14 @@ def add_model_args(g: ArgGroup) -> None:
         default=config_default(ModelConfig, "device"),
         choices=DEVICES,
         help="device the model runs on (default: %(default)s)",
+    )
+    g.add_argument(
+        "--quantization",
+        default=config_default(ModelConfig, "quantization"),
+        choices=QUANTIZATIONS,
+        help="int8 = int8 weights and per-token int8 activations for every linear layer and "
+        "the LM head (CPU, float32 only; faster, less exact: greedy text drifts from "
+        "float32's; default: none)",
     )
 
 

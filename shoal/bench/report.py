@@ -102,6 +102,12 @@ TARGETS: list[tuple[str, str, int | None, Getter, str, float, str]] = [
     ("c=16 TTFT p50 (ms)", "default-1", 16, _ttft, "<=", 1000, ""),
     ("c=64 output tok/s", "default-1", 64, _tput, ">=", 600, "vLLM 252"),
     ("c=64 TTFT p50 (ms)", "default-1", 64, _ttft, "<=", 2000, ""),
+    ("c=1 output tok/s, int8", "int8-1", 1, _tput, ">=", 80, ""),
+    ("c=1 TTFT p50 (ms), int8", "int8-1", 1, _ttft, "<=", 110, ""),
+    ("c=16 output tok/s, int8", "int8-1", 16, _tput, ">=", 350, ""),
+    ("c=16 TTFT p50 (ms), int8", "int8-1", 16, _ttft, "<=", 1000, ""),
+    ("c=64 output tok/s, int8", "int8-1", 64, _tput, ">=", 600, ""),
+    ("c=64 TTFT p50 (ms), int8", "int8-1", 64, _ttft, "<=", 2000, ""),
     (
         "tiny c=64 streamed tok/s, 1 API server",
         "tiny-1",

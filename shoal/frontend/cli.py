@@ -146,6 +146,7 @@ def _load_llm(args: argparse.Namespace) -> LLM:
         dtype=args.dtype,
         load_format=args.load_format,
         device=args.device,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

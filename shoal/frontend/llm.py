@@ -126,6 +126,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         device: str = _default(ModelConfig, "device"),
         seed: int = _default(ModelConfig, "seed"),
+        quantization: str | None = _default(ModelConfig, "quantization"),
         **kwargs: Any,
     ) -> None:
         # Offline there are no API-server processes to leave a CPU core for.
@@ -144,6 +145,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             device=device,
             seed=seed,
+            quantization=quantization,
             **kwargs,
         )
         if self.config.parallel.data_parallel_size != 1:

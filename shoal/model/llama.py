@@ -13,8 +13,10 @@ Fusing q/k/v and gate/up makes one matmul of each pair: fewer kernel launches pe
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,158 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+# fbgemm's int8 GEMM on AVX2 without VNNI sums pairs of uint8 x int8 products in int16 with
+# saturation (vpmaddubsw): |2 x 255 x w| must stay below 32768, so weights get 7 bits
+# (-63..63) and activations the full 8 (uint8 with zero point 128; -127..127 around it).
+# 8-bit activations matter more here than 8-bit weights (next-token top-1 agreement with float32
+# on real text: ~92% for 7-bit weights + 8-bit activations, ~84% the other way round).
+_W_QMAX, _ACT_QMAX, _ACT_ZERO_POINT = 63, 127, 128
+# Input channels per Linear kept out of the row's activation scale: the largest 1/32 of them
+# by calibrated max |x|. Each is split into _OUTLIER_SPLIT int8 "digits" (its weight column
+# repeated), so it may reach _OUTLIER_SPLIT x the other channels' max in the same GEMM.
+_OUTLIER_FRACTION, _OUTLIER_SPLIT = 32, 8
+_CALIBRATION_TOKENS, _CALIBRATION_SEED = 128, 0
+_LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _pack_int8(weight: torch.Tensor) -> Any:
+    """fbgemm-packed weight, 7-bit per output channel (scale = max |row| / 63)."""
+    scale = weight.abs().amax(dim=1).clamp_min(1e-12) / _W_QMAX
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm still takes one
+        warnings.simplefilter("ignore")
+        qweight = torch.quantize_per_channel(weight, scale.double(), zero_points, 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T (+ b) in int8 with per-row (per-token) activation scales, float32 in and out.
+
+    Weights: int8 per output channel (7 bits, see `_W_QMAX`), packed for fbgemm's
+    `quantized::linear_with_input_q_dq_qweight_dq_output_fp32` (int32 accumulation, float32
+    output). Activations: each row is divided by its scale and quantized by the kernel with
+    one fixed step (1/127, zero point 128); the result is multiplied back per row.
+
+    A few `outliers` input channels (chosen at load by calibration, fixed afterwards) do not
+    set the row's scale: the scale is max(max |x| over the other channels, max |x| over the
+    outliers / `_OUTLIER_SPLIT`), and each outlier value, u steps of that scale (|u| up to
+    127 x split), is fed as `_OUTLIER_SPLIT` int8 digits floor((u + 0.5 + i) / split),
+    i = 0 .. split - 1, which sum to round(u) (Hermite's identity), against copies of its
+    weight column. One large channel thus no longer flattens the resolution of all the others,
+    at the cost of a few extra input columns in the same GEMM.
+
+    Every scale is per row and the int32 sums are exact, so a row's result depends on that
+    row alone: batching never changes it (fbgemm's per-tensor dynamic quantization, what
+    `quantize_dynamic` runs, would). CPU only."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, outliers: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        # Input channels reordered: the others first, the outliers last.
+        self.order: torch.Tensor | None = None
+        self.num_main = self.in_features
+        if outliers is not None and outliers.numel():
+            is_outlier = torch.zeros(self.in_features, dtype=torch.bool)
+            is_outlier[outliers] = True
+            self.order = torch.cat([(~is_outlier).nonzero()[:, 0], is_outlier.nonzero()[:, 0]])
+            self.num_main = self.in_features - outliers.numel()
+            copies = w[:, self.order[self.num_main :]].repeat_interleave(_OUTLIER_SPLIT, dim=1)
+            w = torch.cat([w[:, self.order[: self.num_main]], copies], dim=1)
+        # Digit i of an outlier of u steps is fed as (u / split + c_i) / 127 (the kernel
+        # multiplies by 127 and rounds): round(u / split + c_i) = floor((u + 0.5 + i) / split).
+        split = _OUTLIER_SPLIT
+        self.digit_offsets = ((torch.arange(split) + 0.5) / split - 0.5) / _ACT_QMAX
+        self.packed: Any = _pack_int8(w)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if self.order is None:
+            amax = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)
+            rows = x / amax
+        else:
+            k, split = self.num_main, _OUTLIER_SPLIT
+            xs = x.index_select(1, self.order)
+            xa = xs.abs()
+            amax = torch.maximum(
+                xa[:, :k].amax(dim=-1, keepdim=True),
+                xa[:, k:].amax(dim=-1, keepdim=True).mul_(1.0 / split),
+            ).clamp_min_(1e-30)
+            xs = xs.div_(amax)
+            digits = torch.add(self.digit_offsets, xs[:, k:].unsqueeze(-1), alpha=1.0 / split)
+            rows = torch.cat([xs[:, :k], digits.view(xs.shape[0], -1)], dim=1)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            rows, 1.0 / _ACT_QMAX, _ACT_ZERO_POINT, self.packed
+        ).mul_(amax)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*lead, self.out_features)
+
+
+@torch.inference_mode()
+def _calibrate(model: LlamaForCausalLM) -> dict[nn.Module, torch.Tensor]:
+    """Max |input| per channel of every Linear and of the LM head (the final norm's output)
+    over one float32 forward of `_CALIBRATION_TOKENS` random token ids (fixed seed). The
+    large channels of these activations come from the weights (norm gains, a few residual
+    dimensions), not from the text: random ids find most of them."""
+    from shoal.model.attention import build_attention_metadata
+
+    arch, n, block_size = model.arch, _CALIBRATION_TOKENS, 16
+    g = torch.Generator().manual_seed(_CALIBRATION_SEED)
+    ids = torch.randint(0, arch.vocab_size, (n,), generator=g)
+    num_blocks = -(-n // block_size)
+    shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+    dtype = model.embed_tokens.dtype
+    kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_layers)]
+    meta = build_attention_metadata(
+        torch.arange(n),
+        np.array([n]),
+        np.array([0]),
+        torch.arange(num_blocks).unsqueeze(0),
+        torch.tensor([n]),
+        block_size,
+        arch.sliding_window,
+    )
+    stats: dict[nn.Module, torch.Tensor] = {}
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = output if module is model.norm else inputs[0]
+        stats[module] = x.abs().amax(dim=0)
+
+    modules = [m for layer in model.layers for m in _layer_linears(layer)] + [model.norm]
+    hooks = [m.register_forward_hook(record) for m in modules]
+    try:
+        model(ids, torch.arange(n), meta, kv_caches)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def _layer_linears(layer: nn.Module) -> list[nn.Module]:
+    return [getattr(layer, name) for name in _LAYER_LINEARS]
+
+
+def _outliers(channel_max: torch.Tensor) -> torch.Tensor:
+    return channel_max.topk(max(1, channel_max.numel() // _OUTLIER_FRACTION)).indices.sort()[0]
+
+
+def quantize_int8(model: LlamaForCausalLM) -> None:
+    """Replace every Linear of the layers and the LM head with an `Int8Linear` (outlier
+    channels from `_calibrate`), dropping the float32 copies. A tied LM head gets its own
+    int8 copy; the embedding lookup stays float32."""
+    stats = _calibrate(model)
+    for layer in model.layers:
+        for name in _LAYER_LINEARS:
+            linear = getattr(layer, name)
+            setattr(layer, name, Int8Linear(linear.weight, linear.bias, _outliers(stats[linear])))
+    head = model.lm_head.weight if isinstance(model.lm_head, Linear) else model.embed_tokens
+    model.lm_head = Int8Linear(head, None, _outliers(stats[model.norm]))
 
 
 class RMSNorm(nn.Module):
@@ -169,7 +323,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, spec) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, spec)
         self.rotary = RotaryEmbedding(arch, max_positions, dtype, device)
-        self.lm_head: Linear | None = None  # None: logits use the embedding matrix (tied)
+        # None: logits use the embedding matrix (tied); an Int8Linear after quantize_int8.
+        self.lm_head: Linear | Int8Linear | None = None
         if not arch.tie_word_embeddings:
             self.lm_head = Linear(arch.hidden_size, arch.vocab_size, False, spec)
         self.requires_grad_(False)
@@ -188,5 +343,6 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens).float()
+        return self.lm_head(hidden).float()

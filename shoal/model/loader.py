@@ -15,7 +15,7 @@ from tqdm import tqdm
 from shoal.config import ModelConfig
 from shoal.logger import init_logger
 from shoal.model.arch import ArchConfig
-from shoal.model.llama import LlamaForCausalLM, rope_inv_freq
+from shoal.model.llama import Linear, LlamaForCausalLM, quantize_int8, rope_inv_freq
 from shoal.model_source import ModelSource
 
 logger = init_logger(__name__)
@@ -69,9 +69,12 @@ def load_model(
     device: torch.device,
 ) -> LlamaForCausalLM:
     """The model with weights from `source` per `config.load_format` ("auto" follows the
-    source's format; "dummy" = random weights drawn from `config.seed`). Shows progress on
-    stderr and logs the duration. `ValueError` on a format mismatch or missing weights."""
+    source's format; "dummy" = random weights drawn from `config.seed`), quantized per
+    `config.quantization`. Shows progress on stderr and logs the duration. `ValueError` on a
+    format mismatch, missing weights or an unsupported quantization."""
     start = time.perf_counter()
+    if config.quantization == "int8" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError("--quantization: int8 needs --device cpu and --dtype float32")
     load_format = config.load_format
     if load_format == "auto":
         load_format = "gguf" if source.is_gguf else "safetensors"
@@ -87,12 +90,15 @@ def load_model(
         _load_named(model, arch, _gguf_weights(source.path, arch, model))
     else:
         _load_named(model, arch, _safetensors_weights(source.path))
-    model.eval()
     num_params = sum(p.numel() for p in model.parameters())
+    if config.quantization == "int8":
+        quantize_int8(model)
+    model.eval()
     logger.info(
-        "loaded %s (%s weights, %.1fM parameters, %s on %s) in %.2f s",
+        "loaded %s (%s weights, %.1fM parameters, %s%s on %s) in %.2f s",
         source.name, load_format, num_params / 1e6, str(dtype).removeprefix("torch."),
-        device, time.perf_counter() - start,
+        " + int8 linears" if config.quantization == "int8" else "", device,
+        time.perf_counter() - start,
     )  # fmt: skip
     return model
 
@@ -212,7 +218,8 @@ def _target(
     if key == "norm.weight":
         return _whole(model.norm.weight)
     if key == "lm_head.weight":  # also present in some tied checkpoints: ignored then
-        return None if model.lm_head is None else _whole(model.lm_head.weight)
+        head = model.lm_head
+        return _whole(head.weight) if isinstance(head, Linear) else None
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias|inv_freq)", key)
     if m and int(m.group(1)) < arch.num_layers:
         layer, module, kind = model.layers[int(m.group(1))], m.group(2), m.group(3)

@@ -157,6 +157,7 @@ def config_from_args(args: argparse.Namespace) -> ShoalConfig:
             device=args.device,
             seed=args.seed,
             served_model_name=args.served_model_name,
+            quantization=args.quantization,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -64,6 +64,8 @@ def test_flags_reach_the_config() -> None:
     )
     assert (config.model.load_format, config.model.seed) == ("dummy", 7)
     assert (config.model.served_model_name, config.model.tokenizer) == ("x", "/t")
+    assert config.model.quantization is None
+    assert config_from_args(_parse("--quantization", "int8")).model.quantization == "int8"
     assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (4, 64)
     assert (config.cache.block_size, config.cache.num_blocks) == (8, 20)
     assert config.cache.kv_cache_memory_bytes == 1000
@@ -80,6 +82,7 @@ def test_flags_reach_the_config() -> None:
         (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
         (["--max-num-seqs", "0"], "--max-num-seqs"),
         (["--engine-ready-timeout", "0"], "--engine-ready-timeout"),
+        (["--quantization", "int8", "--dtype", "bfloat16"], "--quantization"),
     ],
 )
 def test_invalid_values_name_the_flag(argv: list[str], flag: str) -> None:

@@ -1,0 +1,192 @@
+"""`--quantization int8`: the Int8Linear kernel's accuracy and batch invariance, the model
+conversion (no float32 copies left), and the flag's validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shoal.config import ModelConfig
+from shoal.engine_args import add_model_args
+from shoal.model.arch import arch_from_source
+from shoal.model.llama import Int8Linear
+from shoal.model.loader import load_model
+from shoal.model_source import resolve_model
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 128,
+}  # fmt: skip
+
+
+def _weights(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(out_features, in_features, generator=g) * 0.02, torch.randn(
+        out_features, generator=g
+    )
+
+
+def _activations(rows: int, features: int) -> torch.Tensor:
+    # Heavy-tailed like post-SiLU activations, with an outlier channel.
+    g = torch.Generator().manual_seed(1)
+    x = F.silu(torch.randn(rows, features, generator=g) * 2) * torch.randn(
+        rows, features, generator=g
+    )
+    x[:, 7] *= 20
+    return x
+
+
+def _fake_quant(
+    x: torch.Tensor, w: torch.Tensor, row_max: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x W^T with W rounded to 7 bits per output channel and x to steps of row_max / 127
+    per row (default: max |x| of the row)."""
+    ws = w.abs().amax(1, keepdim=True) / 63
+    xs = (x.abs().amax(1, keepdim=True) if row_max is None else row_max) / 127
+    return F.linear(torch.round(x / xs) * xs, torch.round(w / ws) * ws)
+
+
+def test_int8_linear_matches_its_definition_and_is_close_to_float32() -> None:
+    w, b = _weights(96, 160)
+    x = _activations(33, 160)
+    y = Int8Linear(w, b)(x)
+    assert y.dtype == torch.float32 and y.shape == (33, 96)
+    # The kernel computes exactly the quantized product (up to float32 rounding).
+    ref_q = _fake_quant(x, w) + b
+    assert (y - ref_q).norm() / ref_q.norm() < 1e-5
+    ref = F.linear(x, w, b)
+    plain_err = (y - ref).norm() / ref.norm()
+    assert plain_err < 5e-2
+    # Channel 7 is 20x larger than the rest: as an outlier channel it may reach 8x the
+    # others' max before it sets the row's scale, and the error drops.
+    linear = Int8Linear(w, b, torch.tensor([7]))
+    y = linear(x)
+    others = torch.cat([x[:, :7], x[:, 8:]], dim=1).abs().amax(1, keepdim=True)
+    row_max = torch.maximum(others, x[:, 7:8].abs() / 8)
+    ref_q = _fake_quant(x, w, row_max) + b
+    assert (y - ref_q).norm() / ref_q.norm() < 1e-5
+    assert (y - ref).norm() / ref.norm() < plain_err * 0.8
+    # Leading dimensions are kept; zero rows give the bias.
+    assert torch.equal(linear(x.view(3, 11, 160)).view(33, 96), y)
+    assert torch.allclose(linear(torch.zeros(2, 160)), b.expand(2, 96), atol=1e-6)
+
+
+def test_int8_linear_is_batch_invariant() -> None:
+    """A row's output is bit-identical whatever rows share its call."""
+    linear = Int8Linear(*_weights(200, 96), torch.tensor([3, 7, 50]))
+    x = _activations(70, 96)
+    full = linear(x)
+    for lo, hi in [(0, 1), (5, 6), (3, 19), (10, 70), (0, 64)]:
+        assert torch.equal(linear(x[lo:hi].clone()), full[lo:hi]), (lo, hi)
+    # Scaling another row (what per-tensor activation scales would leak) changes nothing.
+    other = x.clone()
+    other[0] *= 100
+    assert torch.equal(linear(other)[1:], full[1:])
+
+
+def _load(path: str, **kw) -> torch.nn.Module:
+    source = resolve_model(path)
+    config = ModelConfig(model=path, load_format="dummy", **kw)
+    return load_model(
+        config, source, arch_from_source(source), 128, torch.float32, torch.device("cpu")
+    )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_model_drops_float32_linears_and_stays_close(tmp_path, tied: bool) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": tied}))
+    fp32 = _load(str(tmp_path))
+    int8 = _load(str(tmp_path), quantization="int8")
+    # Only norms and the (float32) embedding lookup remain as parameters.
+    names = {n for n, _ in int8.named_parameters()}
+    assert names == {"embed_tokens", "norm.weight"} | {
+        f"layers.{i}.{norm}.weight"
+        for i in range(2)
+        for norm in ("input_layernorm", "post_attention_layernorm")
+    }
+    assert torch.equal(int8.embed_tokens, fp32.embed_tokens)
+    for layer in int8.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            assert isinstance(getattr(layer, name), Int8Linear)
+    assert isinstance(int8.lm_head, Int8Linear)
+    hidden = torch.randn(5, 64)
+    ref = fp32.compute_logits(hidden)
+    logits = int8.compute_logits(hidden)
+    assert logits.dtype == torch.float32 and logits.shape == (5, 256)
+    # 7-bit weights on Gaussian rows: rounding step ~ sigma / 21, rms error ~1.4%; 8-bit
+    # activations add ~0.5%.
+    assert (logits - ref).norm() / ref.norm() < 3e-2
+
+
+def test_quantization_flag_validation(tmp_path) -> None:
+    with pytest.raises(ValueError, match="--quantization"):
+        ModelConfig(quantization="int4")
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    source = resolve_model(str(tmp_path))
+    config = ModelConfig(model=str(tmp_path), load_format="dummy", quantization="int8")
+    with pytest.raises(ValueError, match="--quantization: int8 needs"):
+        load_model(
+            config, source, arch_from_source(source), 128, torch.bfloat16, torch.device("cpu")
+        )
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    assert parser.parse_args([]).quantization is None
+    assert parser.parse_args(["--quantization", "int8"]).quantization == "int8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "fp8"])
+
+
+TEXTS = [
+    "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum and "
+    "its cafes. Many tourists visit every year to see",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
+    "fibonacci(n - 2)\n\nprint(fibonacci(10))\n",
+    "Once upon a time, there was a little girl who lived in a village near the forest. "
+    "Whenever she went out, she wore a red riding cloak, so everyone called her",
+    "The theory of relativity states that the laws of physics are the same for all observers. "
+    "Albert Einstein published the special theory in 1905 and the general theory",
+    "Water boils at 100 degrees Celsius at sea level. At higher altitudes, the boiling point "
+    "is lower because the air pressure is",
+    "import numpy as np\nimport matplotlib.pyplot as plt\n\nx = np.linspace(0, 10, 100)\n"
+    "y = np.sin(x)\nplt.plot(x, y)\n",
+]
+
+
+@pytest.mark.slow
+def test_default_model_int8_logits_track_float32() -> None:
+    """Teacher-forced on real text (222 positions): the int8 model's next-token choice
+    equals float32's at most positions and its logits stay near float32's.
+
+    Measured: top-1 agreement 93-95% (a few near-ties move with rounding details), relative
+    logit error 11%. For scale: 8-bit weights
+    alone (float32 activations) give 97.7%, 7-bit weights + 8-bit per-token activations
+    without outlier channels ~92%, 8-bit weights + 7-bit activations ~84%. Greedy
+    continuations drift from float32's after some tokens (a near-tie flips)."""
+    from shoal.frontend.tokenizer import Tokenizer
+    from tests.model.paged import PagedDriver
+
+    source = resolve_model(None)
+    arch = arch_from_source(source)
+    tokenizer = Tokenizer.from_model(None)
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+
+    def logits(quantization: str | None) -> torch.Tensor:
+        config = ModelConfig(quantization=quantization)
+        model = load_model(config, source, arch, 256, torch.float32, torch.device("cpu"))
+        driver = PagedDriver(model, arch, 64, 16)
+        out = []
+        for i, ids in enumerate(prompts):
+            driver.add(str(i), ids)
+            out.append(driver.step({str(i): len(ids)})[str(i)])
+        return torch.cat(out)
+
+    ref, got = logits(None), logits("int8")
+    agreement = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agreement >= 0.9, agreement
+    assert (got - ref).norm() / ref.norm() < 0.15
