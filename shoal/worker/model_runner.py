@@ -40,8 +40,11 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
+        # (threads for small steps, threads for large ones); see `cpu_threads`.
+        self._threads = (cpu_threads(config.parallel), cpu_threads(config.parallel, large=True))
+        self._large_step_tokens = 0  # set once the model's size is known
         if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(config.parallel))
+            torch.set_num_threads(self._threads[0])
         source = resolve_model(config.model.model)
         self.arch: ArchConfig = arch_from_source(source)
         self.max_model_len = _max_model_len(config.model.max_model_len, self.arch)
@@ -50,6 +53,9 @@ class ModelRunner:
         self.model = load_model(
             config.model, source, self.arch, self.max_model_len, self.dtype, self.device
         )
+        # Weights, whatever their storage (int8 linears keep theirs in buffers).
+        num_params = sum(t.numel() for t in (*self.model.parameters(), *self.model.buffers()))
+        self._large_step_tokens = max(1, LARGE_STEP_FLOP // (2 * max(num_params, 1)))
         self.kv_caches: list[torch.Tensor] = []
         max_blocks_per_req = -(-self.max_model_len // self.block_size)
         self.requests = RequestTable(config.scheduler.max_num_seqs, max_blocks_per_req)
@@ -98,6 +104,11 @@ class ModelRunner:
         output = ModelRunnerOutput()
         if not scheduler_output.num_scheduled_tokens:
             return output
+        if self.device.type == "cpu" and self._threads[0] != self._threads[1]:
+            large = scheduler_output.total_num_scheduled_tokens >= self._large_step_tokens
+            threads = self._threads[1] if large else self._threads[0]
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
         batch = order_batch(self.requests, scheduler_output.num_scheduled_tokens)
         input_ids, positions, meta, logits_indices = self._prepare_inputs(batch)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
@@ -233,17 +244,26 @@ def _max_model_len(requested: int | None, arch: ArchConfig) -> int:
     return requested
 
 
-def cpu_threads(parallel: ParallelConfig) -> int:
+# A step of at least this many FLOPs (2 x parameters x scheduled tokens; ~48 tokens of the
+# default 135M model, ~1,000 of the tiny test model) runs on every core even when one is
+# left to the API servers: a big step gains 1.3-1.6x from the second thread while a small
+# one loses, and the API server is briefly starved only during such steps.
+LARGE_STEP_FLOP = 13 * 10**9
+
+
+def cpu_threads(parallel: ParallelConfig, large: bool = False) -> int:
     """Torch threads for one engine: the cores this process may use, less one left to the API
     servers when `parallel.api_server_count > 0`, shared among the data-parallel engines; at
     least one. An explicit OMP_NUM_THREADS wins.
 
-    Offline (`LLM` sets api_server_count=0) every core computes: the step is matmul-bound, so on 2 cores two threads
-    cut the offline benchmark's time (see docs/engine-runner.md, Performance). Serving keeps a
-    core free: on 2 shared cores one engine thread beat two once the API server was busy."""
+    Offline (`LLM` sets api_server_count=0) every core computes: the step is matmul-bound, so
+    on 2 cores two threads cut the offline benchmark's time (see docs/engine-runner.md,
+    Performance). Serving keeps a core free for small steps (on 2 shared cores one engine
+    thread beat two once the API server was busy); `large=True` is the count for steps of at
+    least `LARGE_STEP_FLOP`, which use the reserved core too."""
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    reserved = 1 if parallel.api_server_count > 0 else 0
+    reserved = 1 if parallel.api_server_count > 0 and not large else 0
     usable = max(1, (cores or 1) - reserved)
     return max(1, usable // parallel.data_parallel_size)

@@ -165,7 +165,46 @@ def test_cpu_thread_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cpu_threads(serving) == 3  # (8 - 1) // 2: one core left to the API servers
     offline = ParallelConfig(data_parallel_size=2, api_server_count=0)
     assert cpu_threads(offline) == 4  # offline: every core
+    assert cpu_threads(serving, large=True) == 4  # large steps: every core too
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert cpu_threads(ParallelConfig(data_parallel_size=4)) == 1  # at least one
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu_threads(serving) == torch.get_num_threads()  # left as torch set it
+
+
+def test_large_steps_use_the_core_left_to_the_api_servers(
+    checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving on 2 cores: 1 thread for small steps, 2 for steps of >= LARGE_STEP_FLOP."""
+    _, path = checkpoint
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cpu_threads(ParallelConfig(api_server_count=1), large=True) == 2
+    threads_before = torch.get_num_threads()
+    config = ShoalConfig(
+        model=ModelConfig(model=path),
+        cache=CacheConfig(block_size=BLOCK_SIZE),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
+        parallel=ParallelConfig(api_server_count=1),
+    )
+    try:
+        runner = ModelRunner(config)
+        runner.initialize_kv_cache(128)
+        assert torch.get_num_threads() == 1
+        # This model is tiny: pretend 8 tokens make a large step.
+        runner._large_step_tokens = 8
+        seen: list[int] = []
+        real_forward = runner.model.forward
+
+        def forward(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return real_forward(*args, **kwargs)
+
+        monkeypatch.setattr(runner.model, "forward", forward)
+        driver = RunnerDriver(runner, num_blocks=128, chunk=64)
+        driver.add("long", list(range(1, 17)), temperature=0.0, max_tokens=3)
+        driver.run()
+        # The 16-token prefill ran on both cores, the 1-token decode steps on one.
+        assert seen[0] == 2 and seen[1:] and set(seen[1:]) == {1}
+    finally:
+        torch.set_num_threads(threads_before)
