@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 
 def _bool(name: str, default: bool = False) -> bool:
@@ -14,24 +15,22 @@ def _bool(name: str, default: bool = False) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _int(name: str, default: int) -> int:
+def _number(name: str, default: float, kind: type = float, what: str = "a number") -> Any:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError as e:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from e
+        raise ValueError(f"environment variable {name}={raw!r} is not {what}") from e
+
+
+def _int(name: str, default: int) -> int:
+    return int(_number(name, default, int, "an integer"))
 
 
 def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as e:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from e
+    return float(_number(name, default))
 
 
 @dataclass(frozen=True)
