@@ -15,3 +15,7 @@ if [ "${1:-}" = "test" ]; then
 else
     pip install -q -e .
 fi
+# Build the native CPU kernels now (about a minute, cached under ~/.cache/shoal/native), so
+# neither `shoal serve` nor the tests wait for the compiler. Not fatal: without a compiler
+# shoal runs on torch ops and only --quantization int8 is unavailable.
+python -m shoal.native || echo "bootstrap: native kernels not built; continuing without them" >&2

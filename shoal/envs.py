@@ -55,6 +55,12 @@ class Envs:
     engine_restart_window_s: float
     # Development-only HTTP routes (GET /debug/kv_cache); never set it in production.
     server_dev_mode: bool
+    # Native CPU kernels (shoal/native): off with SHOAL_NATIVE=0 (int8 then unavailable,
+    # attention on torch ops); SHOAL_NATIVE_ATTENTION=0 keeps them for int8 but not for
+    # decode attention (A/B runs). Build cache directory.
+    native: bool
+    native_attention: bool
+    native_cache: str
 
 
 def _read() -> Envs:
@@ -72,6 +78,10 @@ def _read() -> Envs:
         max_engine_restarts=_int("SHOAL_MAX_ENGINE_RESTARTS", 3),
         engine_restart_window_s=_float("SHOAL_ENGINE_RESTART_WINDOW_S", 600.0),
         server_dev_mode=_bool("SHOAL_SERVER_DEV_MODE"),
+        native=_bool("SHOAL_NATIVE", True),
+        native_attention=_bool("SHOAL_NATIVE_ATTENTION", True),
+        native_cache=os.environ.get("SHOAL_NATIVE_CACHE")
+        or os.path.join(os.path.expanduser("~/.cache"), "shoal", "native"),
     )
 
 

@@ -15,8 +15,11 @@ with several query tokens (prefill chunks), each contiguous:
     tokens:  [ d0 d1 d2 | p0 p0 p0 p0 p0 | p1 p1 p1 ]
              num_decodes  prefill spans (start, end) into the flat batch
 
-Decodes: one batched gather of every decode request's blocks (block table padded to the
-longest, pad = block 0), one SDPA with a [num_decodes, 1, 1, keys] mask hiding the padding.
+Decodes, float32 on CPU: the native `paged_decode_attention` kernel (shoal/native) reads
+each request's keys and values in place through its block table. Elsewhere (bf16, CUDA, no
+native kernels): one batched gather of every decode request's blocks (block table padded to
+the longest, pad = block 0), one SDPA with a [num_decodes, 1, 1, keys] mask hiding the
+padding.
 Prefill spans: a span with no cached context attends to its own new keys with a causal mask;
 one with context (a later chunk or a prefix-cache hit) gathers its blocks and uses an
 offset-causal mask. Every layer shares the metadata, built once per step.
@@ -24,7 +27,9 @@ offset-causal mask. Every layer shares the metadata, built once per step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +52,13 @@ class AttentionMetadata:
     # [num_tokens] int64: where each token's K/V is written in the flat cache.
     slot_mapping: torch.Tensor
     num_decodes: int = 0
-    # [num_decodes, max_blocks] int64 and [num_decodes, 1, 1, max_blocks * block_size] bool.
+    # [num_decodes, max_blocks] int64 and [num_decodes] int64 (context + the new token).
     decode_block_table: torch.Tensor | None = None
+    decode_seq_lens: torch.Tensor | None = None
+    block_size: int = 16
+    sliding_window: int | None = None
+    # [num_decodes, 1, 1, max_blocks * block_size] bool, built by the first layer that takes
+    # the torch path (the native kernel needs none).
     decode_mask: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Gathered decode K/V, allocated by the first layer and reused by the others (layers run
@@ -70,17 +80,17 @@ def build_attention_metadata(
     `block_tables` ([num_reqs, >= max blocks needed] int64) and `seq_lens` ([num_reqs] int64,
     context + new tokens) on the model's device."""
     num_decodes = int(np.searchsorted(query_lens > 1, True))
-    meta = AttentionMetadata(slot_mapping=slot_mapping, num_decodes=num_decodes)
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        num_decodes=num_decodes,
+        block_size=block_size,
+        sliding_window=sliding_window,
+    )
     if num_decodes:
         # Keys padded to the longest decode request's whole blocks.
         max_blocks = -(-int(num_context[:num_decodes].max() + 1) // block_size)
         meta.decode_block_table = block_tables[:num_decodes, :max_blocks]
-        key_pos = torch.arange(max_blocks * block_size, device=slot_mapping.device)
-        lens = seq_lens[:num_decodes].unsqueeze(1)
-        visible = key_pos < lens
-        if sliding_window is not None:
-            visible &= key_pos >= lens - sliding_window
-        meta.decode_mask = visible.view(num_decodes, 1, 1, -1)
+        meta.decode_seq_lens = seq_lens[:num_decodes]
     start = num_decodes
     for i in range(num_decodes, len(query_lens)):
         q_len, ctx = int(query_lens[i]), int(num_context[i])
@@ -147,11 +157,45 @@ def paged_attention(
     return out
 
 
+def _native_decode_kernels(q: torch.Tensor, kv_cache: torch.Tensor) -> Any:
+    """The native kernels when they apply to this cache (float32 on CPU), else None."""
+    global _native
+    if q.device.type != "cpu" or kv_cache.dtype != torch.float32 or q.dtype != torch.float32:
+        return None
+    if _native is False:
+        from shoal import envs, native
+
+        _native = native.load() if envs.refresh().native_attention else None
+    return _native
+
+
+_native: Any = False  # not looked up yet
+
+
+def _decode_mask(meta: AttentionMetadata) -> torch.Tensor:
+    assert meta.decode_block_table is not None and meta.decode_seq_lens is not None
+    if meta.decode_mask is None:
+        n, max_blocks = meta.decode_block_table.shape
+        key_pos = torch.arange(max_blocks * meta.block_size, device=meta.slot_mapping.device)
+        lens = meta.decode_seq_lens.unsqueeze(1)
+        visible = key_pos < lens
+        if meta.sliding_window is not None:
+            visible &= key_pos >= lens - meta.sliding_window
+        meta.decode_mask = visible.view(n, 1, 1, -1)
+    return meta.decode_mask
+
+
 def _decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
-    assert meta.decode_block_table is not None and meta.decode_mask is not None
+    assert meta.decode_block_table is not None and meta.decode_seq_lens is not None
     n, num_heads, head_dim = q.shape
+    kernels = _native_decode_kernels(q, kv_cache)
+    if kernels is not None:
+        return kernels.paged_decode_attention(
+            q, kv_cache, meta.decode_block_table, meta.decode_seq_lens,
+            1.0 / math.sqrt(head_dim), meta.sliding_window or 0,
+        )  # fmt: skip
     num_kv_heads = kv_cache.shape[3]
     # GQA without copying keys: the query heads sharing a KV head become rows of one matrix.
     # [n, num_kv_heads, queries_per_kv, head_dim]
@@ -163,7 +207,7 @@ def _decode_attention(
     kv = torch.index_select(kv_cache, 1, blocks, out=meta.decode_workspace)
     # [2, n * max_blocks, block_size, num_kv_heads, head_dim] -> [n, num_kv_heads, keys, head_dim]
     kv = kv.view(2, n, -1, num_kv_heads, head_dim).transpose(2, 3)
-    o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=meta.decode_mask)
+    o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=_decode_mask(meta))
     return o.reshape(n, num_heads, head_dim)
 
 

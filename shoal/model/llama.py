@@ -13,7 +13,6 @@ Fusing q/k/v and gate/up makes one matmul of each pair: fewer kernel launches pe
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -50,94 +49,77 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-# fbgemm's int8 GEMM on AVX2 without VNNI sums pairs of uint8 x int8 products in int16 with
-# saturation (vpmaddubsw): |2 x 255 x w| must stay below 32768, so weights get 7 bits
-# (-63..63) and activations the full 8 (uint8 with zero point 128; -127..127 around it).
-# 8-bit activations matter more here than 8-bit weights (next-token top-1 agreement with float32
-# on real text: ~92% for 7-bit weights + 8-bit activations, ~84% the other way round).
-_W_QMAX, _ACT_QMAX, _ACT_ZERO_POINT = 63, 127, 128
-# Input channels per Linear kept out of the row's activation scale: the largest 1/32 of them
-# by calibrated max |x|. Each is split into _OUTLIER_SPLIT int8 "digits" (its weight column
-# repeated), so it may reach _OUTLIER_SPLIT x the other channels' max in the same GEMM.
-_OUTLIER_FRACTION, _OUTLIER_SPLIT = 32, 8
+# Int8 linears run on shoal's native kernel (shoal/native/kernels.cpp, `int8_linear`): AVX2's
+# vpmaddubsw multiplies uint8 activations by int8 weights and sums pairs in int16 with
+# saturation, so |2 x 255 x w| must stay below 32768: weights get 7 bits (-63..63),
+# activations the full 8 (-127..127 per row, stored with +128).
+_W_QMAX = 63
+# Input channels per Linear kept in float32 instead of setting the row's activation scale:
+# the largest 1/32 of them by calibrated max |x| (norm gains and a few residual dimensions
+# make some channels 10-100x larger than the rest, which would flatten the others' 8 bits).
+_OUTLIER_FRACTION = 32
 _CALIBRATION_TOKENS, _CALIBRATION_SEED = 128, 0
 _LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def _pack_int8(weight: torch.Tensor) -> Any:
-    """fbgemm-packed weight, 7-bit per output channel (scale = max |row| / 63)."""
-    scale = weight.abs().amax(dim=1).clamp_min(1e-12) / _W_QMAX
-    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
-    with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm still takes one
-        warnings.simplefilter("ignore")
-        qweight = torch.quantize_per_channel(weight, scale.double(), zero_points, 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(qweight, None)
+def _native_kernels() -> Any:
+    from shoal import native
+
+    kernels = native.load()
+    if kernels is None:
+        raise ValueError(
+            "--quantization int8 needs shoal's native CPU kernels, unavailable here: "
+            f"{native.unavailable_reason()}"
+        )
+    return kernels
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T (+ b) in int8 with per-row (per-token) activation scales, float32 in and out.
+    """y = x W^T (+ b) with int8 weights and per-row (per-token) int8 activations, float32 in
+    and out, on the native `int8_linear` kernel (CPU, AVX2).
 
-    Weights: int8 per output channel (7 bits, see `_W_QMAX`), packed for fbgemm's
-    `quantized::linear_with_input_q_dq_qweight_dq_output_fp32` (int32 accumulation, float32
-    output). Activations: each row is divided by its scale and quantized by the kernel with
-    one fixed step (1/127, zero point 128); the result is multiplied back per row.
-
-    A few `outliers` input channels (chosen at load by calibration, fixed afterwards) do not
-    set the row's scale: the scale is max(max |x| over the other channels, max |x| over the
-    outliers / `_OUTLIER_SPLIT`), and each outlier value, u steps of that scale (|u| up to
-    127 x split), is fed as `_OUTLIER_SPLIT` int8 digits floor((u + 0.5 + i) / split),
-    i = 0 .. split - 1, which sum to round(u) (Hermite's identity), against copies of its
-    weight column. One large channel thus no longer flattens the resolution of all the others,
-    at the cost of a few extra input columns in the same GEMM.
-
-    Every scale is per row and the int32 sums are exact, so a row's result depends on that
-    row alone: batching never changes it (fbgemm's per-tensor dynamic quantization, what
-    `quantize_dynamic` runs, would). CPU only."""
+    Weights: 7 bits per output channel (scale = max |row| / 63, see `_W_QMAX`) over the main
+    input channels, zero-padded to a multiple of 32. Activations: each row's main channels are
+    quantized with scale max |x| / 127 inside the kernel; the int32 sums are exact and the
+    float epilogue runs in a fixed order, so a row's result depends on that row alone:
+    batching never changes it. A few `outliers` input channels (chosen at load by calibration,
+    fixed afterwards) stay out of the quantization and are added in float32 with their float32
+    weight columns."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, outliers: torch.Tensor | None = None
     ) -> None:
         super().__init__()
-        w = weight.detach().float()
+        self._kernels = _native_kernels()
+        w = weight.detach().float().cpu()
         self.out_features, self.in_features = w.shape
-        # Input channels reordered: the others first, the outliers last.
-        self.order: torch.Tensor | None = None
-        self.num_main = self.in_features
-        if outliers is not None and outliers.numel():
-            is_outlier = torch.zeros(self.in_features, dtype=torch.bool)
+        is_outlier = torch.zeros(self.in_features, dtype=torch.bool)
+        if outliers is not None:
             is_outlier[outliers] = True
-            self.order = torch.cat([(~is_outlier).nonzero()[:, 0], is_outlier.nonzero()[:, 0]])
-            self.num_main = self.in_features - outliers.numel()
-            copies = w[:, self.order[self.num_main :]].repeat_interleave(_OUTLIER_SPLIT, dim=1)
-            w = torch.cat([w[:, self.order[: self.num_main]], copies], dim=1)
-        # Digit i of an outlier of u steps is fed as (u / split + c_i) / 127 (the kernel
-        # multiplies by 127 and rounds): round(u / split + c_i) = floor((u + 0.5 + i) / split).
-        split = _OUTLIER_SPLIT
-        self.digit_offsets = ((torch.arange(split) + 0.5) / split - 0.5) / _ACT_QMAX
-        self.packed: Any = _pack_int8(w)
+        main_idx = (~is_outlier).nonzero()[:, 0]
+        outlier_idx = is_outlier.nonzero()[:, 0]
+        main = w[:, main_idx]
+        scale = main.abs().amax(dim=1).clamp_min(1e-12) / _W_QMAX
+        q = torch.round(main / scale[:, None]).clamp_(-_W_QMAX, _W_QMAX).to(torch.int8)
+        padded = -(-main_idx.numel() // 32) * 32
+        qweight = torch.zeros(self.out_features, padded, dtype=torch.int8)
+        qweight[:, : main_idx.numel()] = q
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("w_scale", scale.contiguous())
+        self.register_buffer("w_colsum", q.sum(dim=1, dtype=torch.int32))
+        self.register_buffer("main_idx", main_idx.contiguous())
+        self.register_buffer("outlier_idx", outlier_idx.contiguous())
+        # [num_outliers, out_features]: the kernel reads one input channel's row at a time.
+        self.register_buffer("outlier_w_t", w[:, outlier_idx].t().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if self.order is None:
-            amax = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)
-            rows = x / amax
-        else:
-            k, split = self.num_main, _OUTLIER_SPLIT
-            xs = x.index_select(1, self.order)
-            xa = xs.abs()
-            amax = torch.maximum(
-                xa[:, :k].amax(dim=-1, keepdim=True),
-                xa[:, k:].amax(dim=-1, keepdim=True).mul_(1.0 / split),
-            ).clamp_min_(1e-30)
-            xs = xs.div_(amax)
-            digits = torch.add(self.digit_offsets, xs[:, k:].unsqueeze(-1), alpha=1.0 / split)
-            rows = torch.cat([xs[:, :k], digits.view(xs.shape[0], -1)], dim=1)
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            rows, 1.0 / _ACT_QMAX, _ACT_ZERO_POINT, self.packed
-        ).mul_(amax)
-        if self.bias is not None:
-            y.add_(self.bias)
+        lead = x.shape[:-1]
+        y = self._kernels.int8_linear(
+            x.reshape(-1, self.in_features).contiguous(),
+            self.qweight, self.w_scale, self.w_colsum, self.main_idx, self.outlier_idx,
+            self.outlier_w_t, self.bias,
+        )  # fmt: skip
         return y.view(*lead, self.out_features)
 
 

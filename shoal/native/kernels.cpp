@@ -1,0 +1,313 @@
+// shoal's native CPU kernels (AVX2 + FMA), built on first use by shoal/native/__init__.py.
+//
+// int8_linear: y = x W^T for int8 weights with per-row int8 activations, exact int32 sums.
+// paged_decode_attention: one query token per request against its paged KV cache, read in
+// place through the block table (no gather into a padded copy).
+//
+// Both are batch invariant by construction: every output element is computed by the same
+// sequence of operations whatever other rows share the call and however the work is split
+// between threads (int32 sums are exact; float epilogues run in a fixed order per element).
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// int8 linear
+//
+// Activations: each row's main channels are quantized symmetrically, scale = max |x| / 127,
+// and stored as uint8 (q + 128) so that vpmaddubsw (uint8 x int8 -> pairs summed in int16)
+// can multiply them. Weights have 7 bits (|w| <= 63): 2 x 255 x 63 < 32768, so the int16 pair
+// sums never saturate. The +128 offset is removed with the weight row's precomputed sum:
+//     sum_k (q_k + 128) w_k = sum_k q_k w_k + 128 * colsum.
+// A few outlier input channels (chosen at load) skip quantization and are added in float32.
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// int32 dot products of MT activation rows with NT weight rows, Kp % 32 == 0.
+template <int MT, int NT>
+inline void int8_tile(const uint8_t* a, const int8_t* w, int32_t* acc_out, int64_t Kp,
+                      int64_t N, int64_t m0, int64_t n0) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MT][NT];
+  for (int i = 0; i < MT; i++)
+    for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < Kp; k += 32) {
+    __m256i wv[NT];
+    for (int j = 0; j < NT; j++)
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + j) * Kp + k));
+    for (int i = 0; i < MT; i++) {
+      const __m256i av =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + (m0 + i) * Kp + k));
+      for (int j = 0; j < NT; j++) {
+        const __m256i pairs = _mm256_maddubs_epi16(av, wv[j]);
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int i = 0; i < MT; i++)
+    for (int j = 0; j < NT; j++) acc_out[(m0 + i) * N + n0 + j] = hsum_epi32(acc[i][j]);
+}
+
+template <int MT, int NT>
+void int8_rows(const uint8_t* a, const int8_t* w, int32_t* acc, int64_t Kp, int64_t N,
+               int64_t m0, int64_t nb, int64_t ne) {
+  int64_t n = nb;
+  for (; n + NT <= ne; n += NT) int8_tile<MT, NT>(a, w, acc, Kp, N, m0, n);
+  for (; n < ne; n++) int8_tile<MT, 1>(a, w, acc, Kp, N, m0, n);
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
+                          const torch::Tensor& w_scale, const torch::Tensor& w_colsum,
+                          const torch::Tensor& main_idx, const torch::Tensor& outlier_idx,
+                          const torch::Tensor& outlier_w_t,
+                          const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "int8_linear: x must be a contiguous 2-D float32 tensor");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous() &&
+                  w.size(1) % 32 == 0,
+              "int8_linear: w must be contiguous int8 [N, Kp] with Kp % 32 == 0");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = w.size(1);
+  const int64_t K_main = main_idx.numel(), K_out = outlier_idx.numel();
+  TORCH_CHECK(K_main + K_out == K && K_main <= Kp, "int8_linear: channel split mismatch");
+  TORCH_CHECK(w_scale.numel() == N && w_colsum.numel() == N, "int8_linear: per-row sizes");
+  TORCH_CHECK(outlier_w_t.numel() == K_out * N, "int8_linear: outlier weight size");
+
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  auto a = torch::empty({M, Kp}, x.options().dtype(torch::kByte));
+  auto x_out = torch::empty({M, std::max<int64_t>(K_out, 1)}, x.options());
+  auto row_scale = torch::empty({M}, x.options());
+  auto acc = torch::empty({M, N}, x.options().dtype(torch::kInt));
+
+  const float* xp = x.data_ptr<float>();
+  uint8_t* ap = a.data_ptr<uint8_t>();
+  float* xop = x_out.data_ptr<float>();
+  float* sp = row_scale.data_ptr<float>();
+  const int64_t* mi = main_idx.data_ptr<int64_t>();
+  const int64_t* oi = outlier_idx.data_ptr<int64_t>();
+
+  // Quantize each row (cheap next to the GEMM: M x K elements).
+  for (int64_t m = 0; m < M; m++) {
+    const float* xr = xp + m * K;
+    float amax = 0.f;
+    for (int64_t j = 0; j < K_main; j++) amax = std::max(amax, std::fabs(xr[mi[j]]));
+    const float scale = amax > 0.f ? amax / 127.f : 1.f;
+    const float inv = 1.f / scale;
+    sp[m] = scale;
+    uint8_t* ar = ap + m * Kp;
+    for (int64_t j = 0; j < K_main; j++)
+      ar[j] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(xr[mi[j]] * inv)) + 128);
+    for (int64_t j = K_main; j < Kp; j++) ar[j] = 128;  // zero
+    for (int64_t j = 0; j < K_out; j++) xop[m * K_out + j] = xr[oi[j]];
+  }
+
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* accp = acc.data_ptr<int32_t>();
+  const float* wsp = w_scale.data_ptr<float>();
+  const int32_t* csp = w_colsum.data_ptr<int32_t>();
+  const float* owp = outlier_w_t.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+
+  // Threads split the output columns in blocks; a block's weights stay in cache while every
+  // row passes over them.
+  constexpr int64_t NB = 64;
+  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; blk++) {
+      const int64_t nb = blk * NB, ne = std::min(N, nb + NB);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int8_rows<4, 2>(ap, wp, accp, Kp, N, m, nb, ne);
+      switch (M - m) {
+        case 3: int8_rows<3, 2>(ap, wp, accp, Kp, N, m, nb, ne); break;
+        case 2: int8_rows<2, 4>(ap, wp, accp, Kp, N, m, nb, ne); break;
+        case 1: int8_rows<1, 4>(ap, wp, accp, Kp, N, m, nb, ne); break;
+        default: break;
+      }
+      // Epilogue, the same operations in the same order for every element (vector lanes
+      // and the scalar tail alike): scale, outlier channels in order, bias.
+      for (int64_t r = 0; r < M; r++) {
+        const float s = sp[r];
+        const float* xo = xop + r * K_out;
+        int32_t* accr = accp + r * N;
+        float* yr = yp + r * N;
+        int64_t n = nb;
+        const __m256 sv = _mm256_set1_ps(s);
+        const __m256i c128 = _mm256_set1_epi32(128);
+        for (; n + 8 <= ne; n += 8) {
+          const __m256i sums = _mm256_sub_epi32(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(accr + n)),
+              _mm256_mullo_epi32(c128, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(csp + n))));
+          __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), sv), _mm256_loadu_ps(wsp + n));
+          for (int64_t j = 0; j < K_out; j++)
+            v = _mm256_fmadd_ps(_mm256_set1_ps(xo[j]), _mm256_loadu_ps(owp + j * N + n), v);
+          if (bp) v = _mm256_add_ps(v, _mm256_loadu_ps(bp + n));
+          _mm256_storeu_ps(yr + n, v);
+        }
+        for (; n < ne; n++) {
+          float v = static_cast<float>(accr[n] - 128 * csp[n]) * s * wsp[n];
+          for (int64_t j = 0; j < K_out; j++) v = std::fma(xo[j], owp[j * N + n], v);
+          if (bp) v += bp[n];
+          yr[n] = v;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention
+
+// exp for x <= 0 (scores minus their max): 2^n * p(r), r = x - n ln 2, degree-6 polynomial;
+// relative error ~2e-7 on [-87, 0], 0 below.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 too_small = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
+  // r = x - n * ln2 in two parts (Cody-Waite) for accuracy.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(too_small, result);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= d; i += 8)
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum_ps(_mm256_add_ps(acc0, acc1));
+  for (; i < d; i++) s += a[i] * b[i];
+  return s;
+}
+
+// out[i] += p * v[i]
+inline void axpy(float* out, float p, const float* v, int64_t d) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+  for (; i < d; i++) out[i] += p * v[i];
+}
+
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                     const torch::Tensor& block_table,
+                                     const torch::Tensor& seq_lens, double scale,
+                                     int64_t sliding_window) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.stride(2) == 1,
+              "paged_decode_attention: q must be float32 [n, heads, head_dim], last dim dense");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.scalar_type() == torch::kFloat &&
+                  kv_cache.is_contiguous(),
+              "paged_decode_attention: kv_cache must be contiguous float32 [2, blocks, "
+              "block_size, kv_heads, head_dim]");
+  TORCH_CHECK(block_table.scalar_type() == torch::kLong && block_table.stride(1) == 1,
+              "paged_decode_attention: block_table must be int64 with dense rows");
+  TORCH_CHECK(seq_lens.scalar_type() == torch::kLong && seq_lens.is_contiguous(),
+              "paged_decode_attention: seq_lens must be contiguous int64");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t num_blocks = kv_cache.size(1), BS = kv_cache.size(2), KVH = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == D && H % KVH == 0, "paged_decode_attention: head shapes");
+  const int64_t G = H / KVH;
+  auto out = torch::empty({n, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kv_cache.data_ptr<float>();
+  const float* vp = kp + num_blocks * BS * KVH * D;
+  const int64_t* bt = block_table.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t q_s0 = q.stride(0), q_s1 = q.stride(1), bt_s0 = block_table.stride(0);
+  const int64_t token_stride = KVH * D, block_stride = BS * KVH * D;
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; item++) {
+      const int64_t r = item / KVH, kvh = item % KVH;
+      const int64_t len = lens[r];
+      const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0;
+      const int64_t L = len - start;
+      const int64_t* table = bt + r * bt_s0;
+      scores.assign(static_cast<size_t>(G * std::max<int64_t>(L, 1)), 0.f);
+      // Scores of the G query heads that share this KV head: each key is read once.
+      for (int64_t t = 0; t < L; t++) {
+        const int64_t pos = start + t;
+        const float* key = kp + table[pos / BS] * block_stride + (pos % BS) * token_stride + kvh * D;
+        for (int64_t g = 0; g < G; g++) {
+          const float* qv = qp + r * q_s0 + (kvh * G + g) * q_s1;
+          scores[g * L + t] = dot(qv, key, D) * fscale;
+        }
+      }
+      for (int64_t g = 0; g < G; g++) {
+        float* s = scores.data() + g * L;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < L; t++) mx = std::max(mx, s[t]);
+        const __m256 mv = _mm256_set1_ps(mx);
+        __m256 sumv = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= L; t += 8) {
+          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+          _mm256_storeu_ps(s + t, e);
+          sumv = _mm256_add_ps(sumv, e);
+        }
+        float sum = hsum_ps(sumv);
+        for (; t < L; t++) {
+          s[t] = std::exp(s[t] - mx);
+          sum += s[t];
+        }
+        float* o = op + r * H * D + (kvh * G + g) * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t u = 0; u < L; u++) {
+          const int64_t pos = start + u;
+          const float* val = vp + table[pos / BS] * block_stride + (pos % BS) * token_stride + kvh * D;
+          axpy(o, s[u], val, D);
+        }
+        const float inv = 1.f / sum;
+        for (int64_t i = 0; i < D; i++) o[i] *= inv;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear,
+        "y = x W^T (+ bias): int8 weights, per-row int8 activations, float32 outlier channels");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "attention of one query token per request over its paged KV cache");
+}
