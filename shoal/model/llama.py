@@ -54,9 +54,9 @@ class Linear(nn.Module):
 # saturation, so |2 x 255 x w| must stay below 32768: weights get 7 bits (-63..63),
 # activations the full 8 (-127..127 per row, stored with +128).
 _W_QMAX = 63
-# Input channels per Linear kept in float32 instead of setting the row's activation scale:
-# the largest 1/32 of them by calibrated max |x| (norm gains and a few residual dimensions
-# make some channels 10-100x larger than the rest, which would flatten the others' 8 bits).
+# Input channels per Linear kept in float32 instead of setting the row's activation scale: the largest 1/32 of them by calibrated max |x| (norm gains and a few
+# residual dimensions make some channels 10-100x larger than the rest, which would flatten the
+# others' 8 bits).
 _OUTLIER_FRACTION = 32
 _CALIBRATION_TOKENS, _CALIBRATION_SEED = 128, 0
 _LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -74,6 +74,16 @@ def _native_kernels() -> Any:
     return kernels
 
 
+def _quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """7-bit rows of `w` ([N, k], k may be 0) padded with zero columns to a multiple of 32,
+    the scale per row (max |row| / 63) and the int32 sum of each quantized row."""
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / _W_QMAX if w.shape[1] else w.new_ones(len(w))
+    q = torch.round(w / scale[:, None]).clamp_(-_W_QMAX, _W_QMAX).to(torch.int8)
+    padded = torch.zeros(w.shape[0], max(32, -(-w.shape[1] // 32) * 32), dtype=torch.int8)
+    padded[:, : w.shape[1]] = q
+    return padded, scale.float(), q.sum(dim=1, dtype=torch.int32)
+
+
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with int8 weights and per-row (per-token) int8 activations, float32 in
     and out, on the native `int8_linear` kernel (CPU, AVX2).
@@ -83,8 +93,8 @@ class Int8Linear(nn.Module):
     quantized with scale max |x| / 127 inside the kernel; the int32 sums are exact and the
     float epilogue runs in a fixed order, so a row's result depends on that row alone:
     batching never changes it. A few `outliers` input channels (chosen at load by calibration,
-    fixed afterwards) stay out of the quantization and are added in float32 with their float32
-    weight columns."""
+    fixed afterwards) stay out of the quantization: they are added in float32 with their
+    float32 weight columns, so the largest channels do not set the others' resolution."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, outliers: torch.Tensor | None = None
@@ -98,15 +108,10 @@ class Int8Linear(nn.Module):
             is_outlier[outliers] = True
         main_idx = (~is_outlier).nonzero()[:, 0]
         outlier_idx = is_outlier.nonzero()[:, 0]
-        main = w[:, main_idx]
-        scale = main.abs().amax(dim=1).clamp_min(1e-12) / _W_QMAX
-        q = torch.round(main / scale[:, None]).clamp_(-_W_QMAX, _W_QMAX).to(torch.int8)
-        padded = -(-main_idx.numel() // 32) * 32
-        qweight = torch.zeros(self.out_features, padded, dtype=torch.int8)
-        qweight[:, : main_idx.numel()] = q
+        qweight, scale, colsum = _quantize_columns(w[:, main_idx])
         self.register_buffer("qweight", qweight)
-        self.register_buffer("w_scale", scale.contiguous())
-        self.register_buffer("w_colsum", q.sum(dim=1, dtype=torch.int32))
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_colsum", colsum)
         self.register_buffer("main_idx", main_idx.contiguous())
         self.register_buffer("outlier_idx", outlier_idx.contiguous())
         # [num_outliers, out_features]: the kernel reads one input channel's row at a time.
@@ -116,9 +121,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         y = self._kernels.int8_linear(
-            x.reshape(-1, self.in_features).contiguous(),
-            self.qweight, self.w_scale, self.w_colsum, self.main_idx, self.outlier_idx,
-            self.outlier_w_t, self.bias,
+            x.reshape(-1, self.in_features).contiguous(), self.qweight, self.w_scale,
+            self.w_colsum, self.main_idx, self.outlier_idx, self.outlier_w_t, self.bias,
         )  # fmt: skip
         return y.view(*lead, self.out_features)
 

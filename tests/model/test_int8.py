@@ -48,7 +48,7 @@ def _fake_quant(x: torch.Tensor, w: torch.Tensor, outliers: list[int] = ()) -> t
     main = [c for c in range(x.shape[1]) if c not in outliers]
     xm, wm = x[:, main], w[:, main]
     ws = wm.abs().amax(1, keepdim=True) / 63
-    xs = xm.abs().amax(1, keepdim=True) / 127
+    xs = (xm.abs().amax(1, keepdim=True) / 127).clamp_min(1e-30)
     y = F.linear(torch.round(xm / xs) * xs, torch.round(wm / ws) * ws)
     if outliers:
         y += F.linear(x[:, list(outliers)], w[:, list(outliers)])

@@ -1,0 +1,143 @@
+"""shoal/native: the paged decode-attention kernel against the torch path it replaces, its
+batch invariance, and what happens when the kernels are unavailable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shoal import native
+from shoal.model import attention
+
+NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, HEADS = 48, 16, 3, 64, 9
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = native.load()
+    if module is None:
+        pytest.fail(f"native kernels unavailable: {native.unavailable_reason()}")
+    return module
+
+
+def _case(lens: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)
+    max_blocks = -(-max(lens) // BLOCK_SIZE)
+    # Each request's own blocks scattered over the cache, rows padded with block 0; the table
+    # is a column slice of a wider buffer (row stride != width), as the model runner passes it.
+    table = torch.zeros(len(lens), max_blocks + 3, dtype=torch.int64)
+    free = torch.randperm(NUM_BLOCKS - 1, generator=g) + 1
+    for r, n in enumerate(lens):
+        blocks, free = free[: -(-n // BLOCK_SIZE)], free[-(-n // BLOCK_SIZE) :]
+        table[r, : blocks.numel()] = blocks
+    # q as the model has it: a strided view of the rotated [q | k] heads.
+    q = torch.randn(len(lens), HEADS + KV_HEADS, HEAD_DIM, generator=g)[:, :HEADS]
+    return q, cache, table[:, :max_blocks], torch.tensor(lens)
+
+
+def _meta(table, lens, window=None) -> attention.AttentionMetadata:
+    return attention.AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.int64),
+        num_decodes=len(lens),
+        decode_block_table=table,
+        decode_seq_lens=lens,
+        block_size=BLOCK_SIZE,
+        sliding_window=window,
+    )
+
+
+def _torch_path(q, cache, table, lens, window=None) -> torch.Tensor:
+    saved = attention._native
+    attention._native = None  # what a bf16 or CUDA cache takes
+    try:
+        return attention._decode_attention(q, cache, _meta(table, lens, window))
+    finally:
+        attention._native = saved
+
+
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_decode_attention_matches_the_torch_path(kernels, window) -> None:
+    # 1 key, a partial block, exactly one block, vector tails (not multiples of 8), long.
+    lens = [1, 7, 16, 23, 57, 300]
+    q, cache, table, seq_lens = _case(lens)
+    got = kernels.paged_decode_attention(
+        q, cache, table, seq_lens, HEAD_DIM**-0.5, window or 0
+    )
+    ref = _torch_path(q, cache, table, seq_lens, window)
+    assert got.shape == (len(lens), HEADS, HEAD_DIM)
+    assert (got - ref).abs().max() < 2e-6
+    # Keys past each request's length (the rest of its last block, the padding) are not
+    # read: garbage there changes nothing.
+    poisoned = cache.clone()
+    for r, n in enumerate(lens):
+        last = table[r, (n - 1) // BLOCK_SIZE]
+        poisoned[:, last, (n - 1) % BLOCK_SIZE + 1 :] = float("nan")
+    poisoned[:, 0] = float("nan")  # the padding block
+    again = kernels.paged_decode_attention(
+        q, poisoned, table, seq_lens, HEAD_DIM**-0.5, window or 0
+    )
+    assert torch.equal(again, got)
+
+
+def test_decode_attention_is_batch_invariant(kernels) -> None:
+    lens = [3, 200, 17, 64, 1, 99]
+    q, cache, table, seq_lens = _case(lens, seed=1)
+    full = kernels.paged_decode_attention(q, cache, table, seq_lens, 0.125, 0)
+    for r in range(len(lens)):
+        alone = kernels.paged_decode_attention(
+            q[r : r + 1], cache, table[r : r + 1], seq_lens[r : r + 1], 0.125, 0
+        )
+        assert torch.equal(alone[0], full[r]), r
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(kernels.paged_decode_attention(q, cache, table, seq_lens, 0.125, 0), full)
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_model_decode_uses_the_kernel_for_float32_cpu_only(kernels) -> None:
+    q, cache, table, seq_lens = _case([5, 9])
+    assert attention._native_decode_kernels(q, cache) is kernels
+    assert attention._native_decode_kernels(q.bfloat16(), cache.bfloat16()) is None
+
+
+def test_kernels_disabled_and_int8_says_why(tmp_path) -> None:
+    """SHOAL_NATIVE=0: load() gives None with the reason, decode attention still works on
+    torch ops, and --quantization int8 fails with a message naming the flag."""
+    code = """
+import torch
+from shoal import native
+from shoal.model import attention
+from shoal.model.llama import Int8Linear
+assert native.load() is None and native.unavailable_reason() == "disabled by SHOAL_NATIVE=0"
+assert attention._native_decode_kernels(torch.zeros(1, 1, 8), torch.zeros(2, 1, 1, 1, 8)) is None
+try:
+    Int8Linear(torch.zeros(4, 32), None)
+except ValueError as e:
+    print(e)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**__import__("os").environ, "SHOAL_NATIVE": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--quantization int8 needs shoal's native CPU kernels" in out.stdout
+    assert "SHOAL_NATIVE=0" in out.stdout
+
+
+def test_build_name_tracks_the_source(tmp_path, monkeypatch) -> None:
+    """A changed kernel source gets a new build directory (no stale .so is loaded)."""
+    before = native.build_name()
+    changed = tmp_path / "kernels.cpp"
+    changed.write_bytes(native.SOURCE.read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    assert native.build_name() != before
+    monkeypatch.setenv("SHOAL_NATIVE_CACHE", str(tmp_path / "cache"))
+    assert native.build_dir() == tmp_path / "cache" / native.build_name()
