@@ -16,10 +16,10 @@ beside wall time; the table shows the median of interleaved repetitions):
   `quantized::linear_with_input_q_dq_qweight_dq_output_fp32` with a fixed input scale 1/63 and
   zero point 64 (7-bit activations: AVX2's `vpmaddubsw` saturates 8-bit x 8-bit pair sums),
   the output multiplied back by each row's max.
-- shoal_int8: shoal's `Int8Linear` (what `--quantization int8` runs): 7-bit weights so that
-  activations get 8 bits without saturating; 1/32 of the input channels are outliers
-  (chosen by calibration at load; random here) fed as 8 int8 digits each in the same GEMM,
-  so they do not set the row's scale.
+- shoal_int8: shoal's `Int8Linear` (what `--quantization int8` runs), the native
+  `int8_linear` kernel (shoal/native): 7-bit weights so that activations get 8 bits without
+  saturating; 1/32 of the input channels are outliers (chosen by calibration at load; random
+  here) added in float32, so they do not set the row's scale.
 - onednn_row: the same per-row 7-bit activations quantized by hand (uint8 + zero point 64),
   `onednn::qlinear_pointwise` with input scale 1, float32 output, times each row's scale.
 - int_mm: per-row int8 x int8 -> int32 `torch._int_mm` (M <= 16 only: 20-60x slower than fp32).

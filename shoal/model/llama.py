@@ -114,15 +114,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("w_colsum", colsum)
         self.register_buffer("main_idx", main_idx.contiguous())
         self.register_buffer("outlier_idx", outlier_idx.contiguous())
-        # [num_outliers, out_features]: the kernel reads one input channel's row at a time.
-        self.register_buffer("outlier_w_t", w[:, outlier_idx].t().contiguous())
+        # Blocked by 8 output channels, [ceil(N / 8), num_outliers, 8] (zero-padded): what
+        # one 8-lane chunk of the kernel's epilogue reads is contiguous.
+        chunks = -(-self.out_features // 8)
+        ow = torch.zeros(chunks * 8, outlier_idx.numel())
+        ow[: self.out_features] = w[:, outlier_idx]
+        self.register_buffer("outlier_w", ow.view(chunks, 8, -1).transpose(1, 2).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         y = self._kernels.int8_linear(
             x.reshape(-1, self.in_features).contiguous(), self.qweight, self.w_scale,
-            self.w_colsum, self.main_idx, self.outlier_idx, self.outlier_w_t, self.bias,
+            self.w_colsum, self.main_idx, self.outlier_idx, self.outlier_w, self.bias,
         )  # fmt: skip
         return y.view(*lead, self.out_features)
 

@@ -49,8 +49,12 @@ inline void int8_tile(const uint8_t* a, const int8_t* w, int32_t* acc_out, int64
     for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_si256();
   for (int64_t k = k0; k < k1; k += 32) {
     __m256i wv[NT];
-    for (int j = 0; j < NT; j++)
+    for (int j = 0; j < NT; j++) {
+      // Weight rows stream from memory at small batch: ask for those two tiles ahead
+      // (measured on the LM head at one row: 5.1 -> 4.0 ms; a plain read of it takes 3.0).
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + j + 2 * NT) * Kp + k), _MM_HINT_T0);
       wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + j) * Kp + k));
+    }
     for (int i = 0; i < MT; i++) {
       const __m256i av =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + (m0 + i) * Kp + k));
@@ -102,10 +106,13 @@ inline float quantize_group(const float* xr, const int64_t* idx, int64_t count, 
 // y[r, n0 .. n0 + 8 V) = scaled int32 sums + outliers (input channel order) + bias, V vectors
 // at a time so that the outlier FMA chains are independent. Every element gets the same
 // operations in the same order whatever V is: results do not depend on the tiling.
+// ow: outlier weights blocked by 8 output channels, [ceil(N / 8), K_out, 8]: the rows a chunk
+// needs are contiguous (a [K_out, N] layout put them N x 4 bytes apart, and with N a multiple
+// of 1024 every row fell in the same L1 set: 4K aliasing made the epilogue 5x slower).
 template <int V>
 inline void epilogue(float* yr, const int32_t* acc, const int32_t* colsum, const float* w_scale,
-                     float row_scale, const float* xo, const float* ow_t, int64_t K_out,
-                     int64_t N, const float* bias, int64_t n0) {
+                     float row_scale, const float* xo, const float* ow, int64_t K_out,
+                     const float* bias, int64_t n0) {
   const __m256 sv = _mm256_set1_ps(row_scale);
   const __m256i c128 = _mm256_set1_epi32(128);
   __m256 v[V];
@@ -116,10 +123,11 @@ inline void epilogue(float* yr, const int32_t* acc, const int32_t* colsum, const
         _mm256_mullo_epi32(c128, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + n))));
     v[i] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), sv), _mm256_loadu_ps(w_scale + n));
   }
+  const float* owc = ow + (n0 / 8) * K_out * 8;
   for (int64_t j = 0; j < K_out; j++) {
     const __m256 xb = _mm256_set1_ps(xo[j]);
     for (int i = 0; i < V; i++)
-      v[i] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(ow_t + j * N + n0 + 8 * i), v[i]);
+      v[i] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(owc + (i * K_out + j) * 8), v[i]);
   }
   for (int i = 0; i < V; i++) {
     if (bias) v[i] = _mm256_add_ps(v[i], _mm256_loadu_ps(bias + n0 + 8 * i));
@@ -130,7 +138,7 @@ inline void epilogue(float* yr, const int32_t* acc, const int32_t* colsum, const
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                           const torch::Tensor& w_scale, const torch::Tensor& w_colsum,
                           const torch::Tensor& main_idx, const torch::Tensor& outlier_idx,
-                          const torch::Tensor& outlier_w_t,
+                          const torch::Tensor& outlier_w,
                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
               "int8_linear: x must be a contiguous 2-D float32 tensor");
@@ -143,8 +151,9 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   TORCH_CHECK(w_scale.numel() == N && w_colsum.numel() == N &&
                   w_scale.scalar_type() == torch::kFloat && w_colsum.scalar_type() == torch::kInt,
               "int8_linear: w_scale (float32) and w_colsum (int32) must have N entries");
-  TORCH_CHECK(outlier_w_t.numel() == K_out * N && outlier_w_t.scalar_type() == torch::kFloat,
-              "int8_linear: outlier_w_t must be float32 [num_outliers, N]");
+  TORCH_CHECK(outlier_w.numel() == (N + 7) / 8 * K_out * 8 &&
+                  outlier_w.scalar_type() == torch::kFloat && outlier_w.is_contiguous(),
+              "int8_linear: outlier_w must be float32 [ceil(N / 8), num_outliers, 8]");
   TORCH_CHECK(!bias.has_value() || (bias->numel() == N && bias->scalar_type() == torch::kFloat),
               "int8_linear: bias must be float32 [N]");
 
@@ -173,7 +182,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   int32_t* accp = acc.data_ptr<int32_t>();
   const float* wsp = w_scale.data_ptr<float>();
   const int32_t* csp = w_colsum.data_ptr<int32_t>();
-  const float* owp = outlier_w_t.data_ptr<float>();
+  const float* owp = outlier_w.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
 
@@ -191,11 +200,12 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
         float* yr = yp + r * N;
         const int32_t* ar = accp + r * N;
         int64_t n = nb;
-        for (; n + 32 <= ne; n += 32) epilogue<4>(yr, ar, csp, wsp, sp[r], xo, owp, K_out, N, bp, n);
-        for (; n + 8 <= ne; n += 8) epilogue<1>(yr, ar, csp, wsp, sp[r], xo, owp, K_out, N, bp, n);
+        for (; n + 32 <= ne; n += 32) epilogue<4>(yr, ar, csp, wsp, sp[r], xo, owp, K_out, bp, n);
+        for (; n + 8 <= ne; n += 8) epilogue<1>(yr, ar, csp, wsp, sp[r], xo, owp, K_out, bp, n);
         for (; n < ne; n++) {  // the same operations, one lane
           float v = static_cast<float>(ar[n] - 128 * csp[n]) * sp[r] * wsp[n];
-          for (int64_t j = 0; j < K_out; j++) v = std::fma(xo[j], owp[j * N + n], v);
+          const float* owc = owp + (n / 8) * K_out * 8 + n % 8;
+          for (int64_t j = 0; j < K_out; j++) v = std::fma(xo[j], owc[j * 8], v);
           if (bp) v += bp[n];
           yr[n] = v;
         }

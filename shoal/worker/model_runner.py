@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import torch
 
@@ -43,6 +45,12 @@ class ModelRunner:
         # (threads for small steps, threads for large ones); see `cpu_threads`.
         self._threads = (cpu_threads(config.parallel), cpu_threads(config.parallel, large=True))
         self._large_step_tokens = 0  # set once the model's size is known
+        # Output tokens per second streamed lately (see FRONTEND_BUSY_TOKENS_PER_S); the API
+        # servers stream every data-parallel engine's tokens, so each engine's share counts.
+        self._token_rate = TokenRate()
+        self._frontend_busy_tokens_per_s = (
+            FRONTEND_BUSY_TOKENS_PER_S / config.parallel.data_parallel_size
+        )
         if self.device.type == "cpu":
             torch.set_num_threads(self._threads[0])
         source = resolve_model(config.model.model)
@@ -105,8 +113,10 @@ class ModelRunner:
         if not scheduler_output.num_scheduled_tokens:
             return output
         if self.device.type == "cpu" and self._threads[0] != self._threads[1]:
+            # Every core unless this step is small *and* the API servers are busy streaming.
             large = scheduler_output.total_num_scheduled_tokens >= self._large_step_tokens
-            threads = self._threads[1] if large else self._threads[0]
+            quiet = self._token_rate.value < self._frontend_busy_tokens_per_s
+            threads = self._threads[1] if large or quiet else self._threads[0]
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         batch = order_batch(self.requests, scheduler_output.num_scheduled_tokens)
@@ -125,6 +135,7 @@ class ModelRunner:
             # Nothing read back: wait here so the next step may overwrite the pinned
             # buffers this step's non-blocking copies read from.
             torch.cuda.current_stream().synchronize()
+        self._token_rate.add(len(token_ids))
         results = dict(
             zip((s.req_id for s in sampled), zip(token_ids, entries, strict=True), strict=True)
         )
@@ -251,10 +262,36 @@ def _max_model_len(requested: int | None, arch: ArchConfig) -> int:
 LARGE_STEP_FLOP = 13 * 10**9
 
 
+# The core left to the API servers is only worth keeping while they are busy: each streamed
+# token costs an API server ~50-150 us of CPU (docs/performance.md), so below ~2,000 tokens/s
+# (the default model at any concurrency on 2 cores) they need under a quarter of a core and the
+# engine takes every core for every step; above it (the tiny test model) small steps leave one.
+FRONTEND_BUSY_TOKENS_PER_S = 2000.0
+
+
+class TokenRate:
+    """Tokens per second over roughly the last `time_constant_s` seconds: an exponentially
+    weighted average that decays with wall time, so an idle spell counts as zero."""
+
+    def __init__(self, time_constant_s: float = 1.0, clock=time.monotonic) -> None:
+        self.value = 0.0
+        self._tau = time_constant_s
+        self._clock = clock
+        self._last = clock()
+
+    def add(self, tokens: int) -> None:
+        now = self._clock()
+        dt = max(now - self._last, 1e-6)
+        self._last = now
+        weight = 1.0 - math.exp(-dt / self._tau)
+        self.value += weight * (tokens / dt - self.value)
+
+
 def cpu_threads(parallel: ParallelConfig, large: bool = False) -> int:
     """Torch threads for one engine: the cores this process may use, less one left to the API
     servers when `parallel.api_server_count > 0`, shared among the data-parallel engines; at
-    least one. An explicit OMP_NUM_THREADS wins.
+    least one. An explicit OMP_NUM_THREADS wins. `ModelRunner` uses the smaller count only
+    for small steps while the engine streams at least `FRONTEND_BUSY_TOKENS_PER_S`.
 
     Offline (`LLM` sets api_server_count=0) every core computes: the step is matmul-bound, so
     on 2 cores two threads cut the offline benchmark's time (see docs/engine-runner.md,

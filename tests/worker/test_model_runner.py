@@ -11,7 +11,12 @@ import torch
 
 from shoal.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, ShoalConfig
 from shoal.core.scheduler_output import SchedulerOutput
-from shoal.worker.model_runner import ModelRunner, cpu_threads
+from shoal.worker.model_runner import (
+    FRONTEND_BUSY_TOKENS_PER_S,
+    ModelRunner,
+    TokenRate,
+    cpu_threads,
+)
 from tests.model.tiny_hf import VOCAB, make_hf_model, save_hf_model
 from tests.worker.runner_driver import RunnerDriver
 
@@ -191,8 +196,10 @@ def test_large_steps_use_the_core_left_to_the_api_servers(
         runner = ModelRunner(config)
         runner.initialize_kv_cache(128)
         assert torch.get_num_threads() == 1
-        # This model is tiny: pretend 8 tokens make a large step.
+        # This model is tiny: pretend 8 tokens make a large step, and that the API servers
+        # are busy streaming (a rate no test reaches).
         runner._large_step_tokens = 8
+        runner._frontend_busy_tokens_per_s = -1.0
         seen: list[int] = []
         real_forward = runner.model.forward
 
@@ -206,5 +213,24 @@ def test_large_steps_use_the_core_left_to_the_api_servers(
         driver.run()
         # The 16-token prefill ran on both cores, the 1-token decode steps on one.
         assert seen[0] == 2 and seen[1:] and set(seen[1:]) == {1}
+        # While the engine streams little, the API servers' core is used for every step.
+        runner._frontend_busy_tokens_per_s = FRONTEND_BUSY_TOKENS_PER_S
+        runner._token_rate = TokenRate()
+        seen.clear()
+        driver.add("quiet", list(range(1, 5)), temperature=0.0, max_tokens=3)
+        driver.run()
+        assert seen and set(seen) == {2}
     finally:
         torch.set_num_threads(threads_before)
+
+
+def test_token_rate_tracks_recent_throughput() -> None:
+    now = [0.0]
+    rate = TokenRate(time_constant_s=1.0, clock=lambda: now[0])
+    for _ in range(200):  # 64 tokens every 25 ms: 2,560 tokens/s
+        now[0] += 0.025
+        rate.add(64)
+    assert 2400 < rate.value < 2700
+    now[0] += 5.0  # an idle spell, then one small step
+    rate.add(1)
+    assert rate.value < 50
