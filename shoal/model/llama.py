@@ -328,9 +328,52 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary.lookup(positions)
+        kernels = self._fused_decode_kernels(x, meta)
+        if kernels is not None:
+            x = kernels.decode_layers(
+                x, cos, sin, self._fused_params(), kv_caches, meta.slot_mapping,
+                meta.decode_block_table, meta.decode_seq_lens, self.arch.num_heads,
+                self.arch.num_kv_heads, self.arch.head_dim, self.arch.rms_norm_eps,
+                meta.sliding_window or 0,
+            )  # fmt: skip
+            return self.norm(x)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, meta, kv_cache)
         return self.norm(x)
+
+    def _fused_decode_kernels(self, x: torch.Tensor, meta: AttentionMetadata) -> Any:
+        """The native kernels when this step can run every layer in one native call: only
+        decode tokens, float32 on CPU, native decode attention on (`decode_layers` runs the
+        same ops as `DecoderLayer.forward`, bit for bit, minus Python's per-op overhead)."""
+        if meta.prefills or meta.num_decodes != x.shape[0] or x.dtype != torch.float32:
+            return None
+        from shoal.model.attention import _native_decode_kernels
+
+        return _native_decode_kernels(x, self.embed_tokens)
+
+    def _fused_params(self) -> list[torch.Tensor]:
+        """Every layer's parameters in `decode_layers`' slot order (kLayerSlots per layer:
+        the two norm weights, then 7 slots per Linear, in qkv, o, gate_up, down order). The
+        list holds the tensors themselves, so in-place weight updates show through; it is
+        rebuilt when a Linear is replaced (`quantize_int8`)."""
+        linears = [getattr(layer, n) for layer in self.layers for n in _LAYER_LINEARS]
+        key = tuple(id(m) for m in linears)
+        if getattr(self, "_fused_key", None) != key:
+            none = torch.empty(0)
+            params: list[Any] = []
+            layer: Any
+            for layer in self.layers:
+                params += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+                for name in _LAYER_LINEARS:
+                    m = getattr(layer, name)
+                    bias = none if m.bias is None else m.bias
+                    if isinstance(m, Int8Linear):
+                        params += [m.qweight, m.w_scale, m.w_colsum, m.main_idx]
+                        params += [m.outlier_idx, m.outlier_w, bias]
+                    else:
+                        params += [m.weight, bias] + [none] * 5
+            self._fused_list, self._fused_key = params, key
+        return self._fused_list
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -352,6 +352,67 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The decoder layers of a decode-only step, in one call
+//
+// At batch 1 a layer is ~35 small torch ops, and dispatching each from Python cost more than
+// the arithmetic. This runs the same ops in the same order from C++ (ATen calls and the
+// kernels above), so its results are bit-identical to shoal/model/llama.py's DecoderLayer
+// (tested); only the Python overhead goes.
+
+constexpr int64_t kLinearSlots = 7;  // int8: qweight, w_scale, w_colsum, main_idx,
+                                     // outlier_idx, outlier_w, bias; float: weight, bias, -
+constexpr int64_t kLayerSlots = 2 + 4 * kLinearSlots;
+
+at::Tensor apply_linear(const at::Tensor& x, const std::vector<at::Tensor>& p, int64_t i) {
+  if (p[i].scalar_type() == torch::kChar) {
+    const c10::optional<at::Tensor> bias =
+        p[i + 6].numel() ? c10::optional<at::Tensor>(p[i + 6]) : c10::nullopt;
+    return int8_linear(x.contiguous(), p[i], p[i + 1], p[i + 2], p[i + 3], p[i + 4], p[i + 5],
+                       bias);
+  }
+  const c10::optional<at::Tensor> bias =
+      p[i + 1].numel() ? c10::optional<at::Tensor>(p[i + 1]) : c10::nullopt;
+  return at::linear(x, p[i], bias);
+}
+
+at::Tensor decode_layers(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
+                         const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& kv_caches, const at::Tensor& slots,
+                         const at::Tensor& block_table, const at::Tensor& seq_lens,
+                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+                         int64_t sliding_window) {
+  const int64_t num_layers = static_cast<int64_t>(kv_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == num_layers * kLayerSlots,
+              "decode_layers: expected ", kLayerSlots, " parameter slots per layer");
+  const int64_t n = x.size(0), hidden = x.size(1);
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  for (int64_t l = 0; l < num_layers; l++) {
+    const int64_t base = l * kLayerSlots;
+    const at::Tensor& kv = kv_caches[l];
+    const at::Tensor qkv = apply_linear(at::rms_norm(x, {hidden}, params[base], eps), params, base + 2);
+    // RoPE on q and k together (adjacent columns), as apply_rope does.
+    const auto halves = qkv.slice(1, 0, q_size + kv_size).view({n, -1, head_dim}).chunk(2, -1);
+    const at::Tensor qk = at::cat({halves[0] * cos - halves[1] * sin,
+                                   halves[1] * cos + halves[0] * sin}, -1);
+    const at::Tensor q = qk.slice(1, 0, num_heads);
+    const at::Tensor k = qk.slice(1, num_heads, num_heads + num_kv_heads);
+    const at::Tensor v = qkv.slice(1, q_size + kv_size).view({n, num_kv_heads, head_dim});
+    at::Tensor flat = kv.view({2, kv.size(1) * kv.size(2), num_kv_heads, head_dim});
+    flat[0].index_copy_(0, slots, k);
+    flat[1].index_copy_(0, slots, v);
+    const at::Tensor attn =
+        paged_decode_attention(q, kv, block_table, seq_lens, scale, sliding_window);
+    x = x + apply_linear(attn.view({n, q_size}), params, base + 2 + kLinearSlots);
+    const at::Tensor gate_up = apply_linear(at::rms_norm(x, {hidden}, params[base + 1], eps),
+                                            params, base + 2 + 2 * kLinearSlots);
+    const auto gu = gate_up.chunk(2, -1);
+    x = x + apply_linear(at::silu(gu[0]) * gu[1], params, base + 2 + 3 * kLinearSlots);
+  }
+  return x;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -359,4 +420,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x W^T (+ bias): int8 weights, per-row int8 activations, float32 outlier channels");
   m.def("paged_decode_attention", &paged_decode_attention,
         "attention of one query token per request over its paged KV cache");
+  m.def("decode_layers", &decode_layers,
+        "every decoder layer of a decode-only step (float32, CPU) in one call");
 }

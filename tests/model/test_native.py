@@ -64,9 +64,7 @@ def test_decode_attention_matches_the_torch_path(kernels, window) -> None:
     # 1 key, a partial block, exactly one block, vector tails (not multiples of 8), long.
     lens = [1, 7, 16, 23, 57, 300]
     q, cache, table, seq_lens = _case(lens)
-    got = kernels.paged_decode_attention(
-        q, cache, table, seq_lens, HEAD_DIM**-0.5, window or 0
-    )
+    got = kernels.paged_decode_attention(q, cache, table, seq_lens, HEAD_DIM**-0.5, window or 0)
     ref = _torch_path(q, cache, table, seq_lens, window)
     assert got.shape == (len(lens), HEADS, HEAD_DIM)
     assert (got - ref).abs().max() < 2e-6
@@ -94,7 +92,9 @@ def test_decode_attention_is_batch_invariant(kernels) -> None:
         assert torch.equal(alone[0], full[r]), r
     torch.set_num_threads(1)
     try:
-        assert torch.equal(kernels.paged_decode_attention(q, cache, table, seq_lens, 0.125, 0), full)
+        assert torch.equal(
+            kernels.paged_decode_attention(q, cache, table, seq_lens, 0.125, 0), full
+        )
     finally:
         torch.set_num_threads(2)
 
@@ -141,3 +141,73 @@ def test_build_name_tracks_the_source(tmp_path, monkeypatch) -> None:
     assert native.build_name() != before
     monkeypatch.setenv("SHOAL_NATIVE_CACHE", str(tmp_path / "cache"))
     assert native.build_dir() == tmp_path / "cache" / native.build_name()
+
+
+def _tiny_model(tmp_path, quantization, **overrides):
+    import json
+
+    from shoal.config import ModelConfig
+    from shoal.model.arch import arch_from_source
+    from shoal.model.loader import load_model
+    from shoal.model_source import resolve_model
+
+    config = {
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, **overrides,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    source = resolve_model(str(tmp_path))
+    arch = arch_from_source(source)
+    model_config = ModelConfig(model=str(tmp_path), load_format="dummy", quantization=quantization)
+    model = load_model(model_config, source, arch, 256, torch.float32, torch.device("cpu"))
+    return model, arch
+
+
+@pytest.mark.parametrize(
+    "quantization, overrides",
+    [
+        (None, {}),
+        ("int8", {}),
+        (None, {"architectures": ["Qwen2ForCausalLM"]}),  # q/k/v bias
+        ("int8", {"attention_bias": True}),  # q/k/v and o biases
+        (None, {"architectures": ["MistralForCausalLM"], "sliding_window": 6}),
+    ],
+)
+def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
+    kernels, tmp_path, monkeypatch, quantization, overrides
+) -> None:
+    """`decode_layers` (every layer of a decode-only step in one native call) gives exactly
+    what `DecoderLayer.forward` gives, for float32 and int8 linears, biases and a window."""
+    from shoal.model.llama import LlamaForCausalLM
+    from tests.model.paged import PagedDriver
+
+    model, arch = _tiny_model(tmp_path, quantization, **overrides)
+    calls: list[int] = []
+
+    class Spy:  # the kernels, counting fused calls
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def decode_layers(self, *args):
+            calls.append(args[0].shape[0])
+            return kernels.decode_layers(*args)
+
+    monkeypatch.setattr("shoal.model.attention._native", Spy())
+
+    def run() -> list[torch.Tensor]:
+        driver = PagedDriver(model, arch, 32, 4)
+        driver.add("a", list(range(3, 40)))
+        driver.add("b", list(range(50, 70)))
+        steps = [driver.step({"a": 30, "b": 11})]  # prefill: per-layer path
+        steps += [driver.step({"a": 1, "b": 1}) for _ in range(5)]  # decode steps
+        return [t for step in steps for t in step.values()]
+
+    fused = run()
+    assert calls == [2] * 5  # the decode steps took the fused path, the prefill did not
+    calls.clear()
+    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode_kernels", lambda *a: None)
+    unfused = run()
+    assert calls == []
+    for a, b in zip(fused, unfused, strict=True):
+        assert torch.equal(a, b)
