@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.model.arch import ArchConfig
-from shoal.model.attention import AttentionMetadata, paged_attention
+from shoal.model.attention import AttentionMetadata, _native_decode_kernels, paged_attention
 
 
 class TensorSpec(NamedTuple):
@@ -54,9 +54,9 @@ class Linear(nn.Module):
 # saturation, so |2 x 255 x w| must stay below 32768: weights get 7 bits (-63..63),
 # activations the full 8 (-127..127 per row, stored with +128).
 _W_QMAX = 63
-# Input channels per Linear kept in float32 instead of setting the row's activation scale: the largest 1/32 of them by calibrated max |x| (norm gains and a few
-# residual dimensions make some channels 10-100x larger than the rest, which would flatten the
-# others' 8 bits).
+# Input channels per Linear kept in float32 instead of setting the row's activation scale:
+# the largest 1/32 of them by calibrated max |x| (norm gains and a few residual dimensions
+# make some channels 10-100x larger than the rest, which would flatten the others' 8 bits).
 _OUTLIER_FRACTION = 32
 _CALIBRATION_TOKENS, _CALIBRATION_SEED = 128, 0
 _LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -190,6 +190,7 @@ def quantize_int8(model: LlamaForCausalLM) -> None:
             setattr(layer, name, Int8Linear(linear.weight, linear.bias, _outliers(stats[linear])))
     head = model.lm_head.weight if isinstance(model.lm_head, Linear) else model.embed_tokens
     model.lm_head = Int8Linear(head, None, _outliers(stats[model.norm]))
+    model._fused_list = None  # the fused decode path's parameter list is stale
 
 
 class RMSNorm(nn.Module):
@@ -317,6 +318,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head: Linear | Int8Linear | None = None
         if not arch.tie_word_embeddings:
             self.lm_head = Linear(arch.hidden_size, arch.vocab_size, False, spec)
+        self._fused_list: list[torch.Tensor] | None = None  # see _fused_params
         self.requires_grad_(False)
 
     def forward(
@@ -347,18 +349,14 @@ class LlamaForCausalLM(nn.Module):
         same ops as `DecoderLayer.forward`, bit for bit, minus Python's per-op overhead)."""
         if meta.prefills or meta.num_decodes != x.shape[0] or x.dtype != torch.float32:
             return None
-        from shoal.model.attention import _native_decode_kernels
-
         return _native_decode_kernels(x, self.embed_tokens)
 
     def _fused_params(self) -> list[torch.Tensor]:
         """Every layer's parameters in `decode_layers`' slot order (kLayerSlots per layer:
-        the two norm weights, then 7 slots per Linear, in qkv, o, gate_up, down order). The
-        list holds the tensors themselves, so in-place weight updates show through; it is
-        rebuilt when a Linear is replaced (`quantize_int8`)."""
-        linears = [getattr(layer, n) for layer in self.layers for n in _LAYER_LINEARS]
-        key = tuple(id(m) for m in linears)
-        if getattr(self, "_fused_key", None) != key:
+        the two norm weights, then 7 slots per Linear, in qkv, o, gate_up, down order). Built
+        once; the list holds the tensors themselves, so in-place weight updates show
+        through. Whatever replaces a Linear (`quantize_int8`) sets `_fused_list = None`."""
+        if self._fused_list is None:
             none = torch.empty(0)
             params: list[Any] = []
             layer: Any
@@ -372,7 +370,7 @@ class LlamaForCausalLM(nn.Module):
                         params += [m.outlier_idx, m.outlier_w, bias]
                     else:
                         params += [m.weight, bias] + [none] * 5
-            self._fused_list, self._fused_key = params, key
+            self._fused_list = params
         return self._fused_list
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
