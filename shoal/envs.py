@@ -57,9 +57,11 @@ class Envs:
     server_dev_mode: bool
     # Native CPU kernels (shoal/native): off with SHOAL_NATIVE=0 (int8 then unavailable,
     # attention on torch ops); SHOAL_NATIVE_ATTENTION=0 keeps them for int8 but not for
-    # decode attention (A/B runs). Build cache directory.
+    # decode attention (A/B runs); SHOAL_NATIVE_LM_HEAD=0 likewise for the greedy LM head
+    # (argmax without logits). Build cache directory.
     native: bool
     native_attention: bool
+    native_lm_head: bool
     native_cache: str
 
 
@@ -80,6 +82,7 @@ def _read() -> Envs:
         server_dev_mode=_bool("SHOAL_SERVER_DEV_MODE"),
         native=_bool("SHOAL_NATIVE", True),
         native_attention=_bool("SHOAL_NATIVE_ATTENTION", True),
+        native_lm_head=_bool("SHOAL_NATIVE_LM_HEAD", True),
         native_cache=os.environ.get("SHOAL_NATIVE_CACHE")
         or os.path.join(os.path.expanduser("~/.cache"), "shoal", "native"),
     )

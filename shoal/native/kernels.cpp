@@ -413,6 +413,163 @@ at::Tensor decode_layers(at::Tensor x, const at::Tensor& cos, const at::Tensor& 
   return x;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Greedy LM head: argmax_v (x W^T)[m, v] without writing the [M, V] logits.
+//
+// A greedy step needs one number per row out of M x V logits (M x 49152 for the default
+// vocabulary): writing them and reading them back for argmax costs as much as the matmul
+// when the hidden size is small, and torch's GEMM is slow on a skinny K (hidden 64).
+// The weight is packed once into panels of 16 vocabulary rows, [ceil(V/16)][K][16], so one
+// k step is two 8-wide loads shared by MT activation rows (broadcast x[m, k]): MT x 2
+// accumulators, no horizontal sums. Each logit is one FMA chain over k = 0..K-1 whatever M
+// is and however the panels are split between threads, so the result is batch invariant.
+// Ties go to the lowest vocabulary id (torch.argmax's rule); NaN logits are never picked.
+
+constexpr int kPanel = 16;
+
+at::Tensor pack_lm_head(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_lm_head: float32 [V, K]");
+  const at::Tensor wc = w.contiguous();
+  const int64_t V = wc.size(0), K = wc.size(1), P = (V + kPanel - 1) / kPanel;
+  at::Tensor packed = at::zeros({P, K, kPanel}, wc.options());
+  const float* src = wc.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, P, 64, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++)
+      for (int64_t j = 0; j < kPanel && p * kPanel + j < V; j++) {
+        const float* row = src + (p * kPanel + j) * K;
+        float* out = dst + p * K * kPanel + j;
+        for (int64_t k = 0; k < K; k++) out[k * kPanel] = row[k];
+      }
+  });
+  return packed;
+}
+
+// Running per-lane best of one row: 16 values and their vocabulary ids.
+struct LaneBest {
+  __m256 val[2];
+  __m256i idx[2];
+};
+
+// Fold 8 logits of vocabulary ids id0..id0+7 into half h of a row's running best.
+inline void lane_best_update(LaneBest& best, int h, __m256 v, int64_t id0, int64_t vocab,
+                             bool tail) {
+  const __m256i ids = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                       _mm256_set1_epi32(static_cast<int>(id0)));
+  if (tail) {
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(vocab)), ids);
+    v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(valid));
+  }
+  // Strictly greater: a lane keeps the first (lowest) id of its maximum.
+  const __m256 better = _mm256_cmp_ps(v, best.val[h], _CMP_GT_OQ);
+  best.val[h] = _mm256_blendv_ps(best.val[h], v, better);
+  best.idx[h] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best.idx[h]),
+                                                     _mm256_castsi256_ps(ids), better));
+}
+
+template <int MT>
+inline void lm_head_tile(const float* x, int64_t K, const float* panel, int64_t v0,
+                         int64_t vocab, LaneBest* best) {
+  __m256 acc[MT][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel);
+    const __m256 w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++) {
+      const __m256 xb = _mm256_broadcast_ss(x + i * K + k);
+      acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
+    }
+  }
+  const bool tail = v0 + kPanel > vocab;  // the zero-padded last panel: pad lanes never win
+  // Fully unrolled, so that acc has constant indices only: with a loop-variable index GCC
+  // keeps acc in memory too and stores all 12 accumulators every k step (2x slower).
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; i++) {
+    lane_best_update(best[i], 0, acc[i][0], v0, vocab, tail);
+    lane_best_update(best[i], 1, acc[i][1], v0 + 8, vocab, tail);
+  }
+}
+
+// (ids int64 [M], max logit float32 [M]) of x [M, K] against a pack_lm_head() panel set.
+std::vector<at::Tensor> lm_head_argmax(const at::Tensor& x_in, const at::Tensor& packed,
+                                       int64_t vocab) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: float32 [M, K]");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous(),
+              "packed: pack_lm_head() output");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
+  TORCH_CHECK(packed.size(1) == K, "x and the packed LM head disagree on the hidden size");
+  TORCH_CHECK(vocab > (P - 1) * kPanel && vocab <= P * kPanel, "vocab does not match panels");
+  // Contiguous ranges of panels per chunk, chunks merged in order: ties stay with the
+  // lowest id across chunks too. One chunk per thread (the work per panel is uniform).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
+  std::vector<LaneBest> best(chunks * M);
+  for (auto& b : best)
+    for (int h = 0; h < 2; h++) {
+      b.val[h] = _mm256_set1_ps(-INFINITY);
+      b.idx[h] = _mm256_setzero_si256();
+    }
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c++) {
+      LaneBest* mine = best.data() + c * M;
+      for (int64_t p = c * P / chunks; p < (c + 1) * P / chunks; p++) {
+        const float* panel = wp + p * K * kPanel;
+        int64_t m = 0;
+        for (; m + 6 <= M; m += 6)
+          lm_head_tile<6>(xp + m * K, K, panel, p * kPanel, vocab, mine + m);
+        switch (M - m) {
+          case 5: lm_head_tile<5>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
+          case 4: lm_head_tile<4>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
+          case 3: lm_head_tile<3>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
+          case 2: lm_head_tile<2>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
+          case 1: lm_head_tile<1>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
+          default: break;
+        }
+      }
+    }
+  });
+  at::Tensor ids = at::empty({M}, x.options().dtype(at::kLong));
+  at::Tensor vals = at::empty({M}, x.options());
+  int64_t* idp = ids.data_ptr<int64_t>();
+  float* vp = vals.data_ptr<float>();
+  for (int64_t m = 0; m < M; m++) {
+    float bv = -INFINITY;
+    int64_t bi = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+      alignas(32) float v[kPanel];
+      alignas(32) int32_t id[kPanel];
+      const LaneBest& b = best[c * M + m];
+      _mm256_store_ps(v, b.val[0]);
+      _mm256_store_ps(v + 8, b.val[1]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(id), b.idx[0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(id + 8), b.idx[1]);
+      // Within a chunk the lanes interleave ids: equal values go to the lower id. Across
+      // chunks ids only grow, so a later chunk must be strictly better. (All -inf: id 0,
+      // as torch.argmax.)
+      float cv = -INFINITY;
+      int64_t ci = INT64_MAX;
+      for (int j = 0; j < kPanel; j++)
+        if (v[j] > cv || (v[j] == cv && id[j] < ci)) {
+          cv = v[j];
+          ci = id[j];
+        }
+      if (cv > bv) {
+        bv = cv;
+        bi = ci;
+      }
+    }
+    idp[m] = bi;
+    vp[m] = bv;
+  }
+  return {ids, vals};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -422,4 +579,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention of one query token per request over its paged KV cache");
   m.def("decode_layers", &decode_layers,
         "every decoder layer of a decode-only step (float32, CPU) in one call");
+  m.def("pack_lm_head", &pack_lm_head, "LM head weight [V, K] -> panels for lm_head_argmax");
+  m.def("lm_head_argmax", &lm_head_argmax,
+        "greedy tokens: (argmax ids, max logits) of x W^T without writing the logits");
 }

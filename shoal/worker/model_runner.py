@@ -127,7 +127,13 @@ class ModelRunner:
         ]
         token_ids: list[int] = []
         entries: list[TokenLogprobs | None] = []
-        if sampled:
+        greedy = None
+        if sampled and all(_plain_greedy(s) for s in sampled):
+            # Greedy, no logprobs, nothing banned: the argmax straight from the hidden states.
+            greedy = self.model.greedy_token_ids(hidden[logits_indices])
+        if greedy is not None:
+            token_ids, entries = greedy, [None] * len(greedy)
+        elif sampled:
             logits = self.model.compute_logits(hidden[logits_indices])
             # .tolist() inside waits for the device, so the host buffers are free again.
             token_ids, entries = sample(logits, _sampling_batch(sampled), self.generator)
@@ -228,6 +234,12 @@ class ModelRunner:
             self._allocate_buffers(
                 max(num_tokens, self.max_num_tokens), max(num_reqs, self.max_num_reqs)
             )
+
+
+def _plain_greedy(state: RequestState) -> bool:
+    """Sampled by a bare argmax of the logits (sampler.py's contract, rule 3)."""
+    p = state.params
+    return p.is_greedy and p.logprobs is None and not state.banned_token_ids()
 
 
 def _sampling_batch(states: list[RequestState]) -> SamplingBatch:

@@ -211,3 +211,54 @@ def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
     assert calls == []
     for a, b in zip(fused, unfused, strict=True):
         assert torch.equal(a, b)
+
+
+# -- greedy LM head ----------------------------------------------------------------------------
+
+
+def _argmax_case(vocab: int, hidden: int, rows: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+
+
+@pytest.mark.parametrize(("vocab", "hidden"), [(1000, 64), (37, 13), (100, 7), (4099, 576)])
+def test_lm_head_argmax_matches_logits_argmax(kernels, vocab, hidden) -> None:
+    w, x = _argmax_case(vocab, hidden, rows=13)
+    ids, vals = kernels.lm_head_argmax(x, kernels.pack_lm_head(w), vocab)
+    logits = torch.nn.functional.linear(x, w)
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # rows whose winner no rounding can change
+    assert clear.sum() >= 10
+    assert torch.equal(ids[clear], logits.argmax(-1)[clear])
+    torch.testing.assert_close(vals, top2[:, 0], rtol=1e-5, atol=1e-4)
+    picked = logits.gather(1, ids.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(picked, top2[:, 0], rtol=1e-5, atol=1e-4)
+
+
+def test_lm_head_argmax_ties_padding_and_threads(kernels) -> None:
+    vocab, hidden = 4099, 32  # 4099 = 256 panels of 16 + 3: a zero-padded last panel
+    w, x = _argmax_case(vocab, hidden, rows=7, seed=1)
+    # Every logit negative: the padded lanes (logit 0) must never win.
+    w, x = -w.abs(), x.abs()
+    ids, vals = kernels.lm_head_argmax(x, kernels.pack_lm_head(w), vocab)
+    assert (vals < 0).all() and (ids < vocab).all()
+    assert torch.equal(ids, torch.nn.functional.linear(x, w).argmax(-1))
+    # Exact ties (identical rows) in the same panel, another panel and the last thread's
+    # chunk: the lowest id wins, as torch.argmax's first index.
+    w[[5, 9, 2000, 4098]] = x[0] * 10
+    packed = kernels.pack_lm_head(w)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ids, vals = kernels.lm_head_argmax(x, packed, vocab)
+            assert ids[0].item() == 5
+            # Batch invariance: each row alone gives the batch's id and the same bits.
+            for r in range(len(x)):
+                alone_id, alone_val = kernels.lm_head_argmax(x[r : r + 1], packed, vocab)
+                assert alone_id.item() == ids[r].item()
+                assert torch.equal(alone_val, vals[r : r + 1])
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(RuntimeError, match="hidden size"):
+        kernels.lm_head_argmax(x[:, :16], packed, vocab)

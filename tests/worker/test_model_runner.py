@@ -114,6 +114,61 @@ def test_min_tokens_masks_eos(checkpoint) -> None:
     assert eos not in outputs[:2] and outputs[0] != greedy[0]
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, model, *names: str) -> dict[str, int]:
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(model, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(model, name, counted)
+    return calls
+
+
+def test_plain_greedy_steps_skip_the_logits(checkpoint, monkeypatch) -> None:
+    """Greedy requests without logprobs or banned tokens get the native argmax straight from
+    the hidden states (transformers' tokens still); anything else takes the logits."""
+    hf, path = checkpoint
+    runner = make_runner(path)
+    calls = _count_calls(monkeypatch, runner.model, "compute_logits", "greedy_token_ids")
+    driver = RunnerDriver(runner, num_blocks=128, chunk=5)
+    for req_id in "bd":
+        driver.add(req_id, PROMPTS[req_id], temperature=0.0, max_tokens=8)
+    done = driver.run()
+    assert calls == {"compute_logits": 0, "greedy_token_ids": calls["greedy_token_ids"]}
+    assert calls["greedy_token_ids"] >= 8
+    for req_id in "bd":
+        prompt = torch.tensor([PROMPTS[req_id]])
+        expected = hf.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
+        assert done[req_id].outputs == expected.tolist(), req_id
+    # One request asking for logprobs (or sampling, or with min_tokens) sends the step
+    # through the logits.
+    for extra in ({"logprobs": 1}, {"temperature": 0.8}, {"min_tokens": 2, "eos_token_id": 3}):
+        before = calls["compute_logits"]
+        driver = RunnerDriver(runner, num_blocks=128, chunk=16)
+        driver.add("g", PROMPTS["b"], temperature=0.0, max_tokens=2)
+        params = {"temperature": 0.0, "max_tokens": 2} | extra
+        eos = params.pop("eos_token_id", None)
+        driver.add("x", PROMPTS["c"], eos_token_id=eos, **params)
+        driver.run()
+        assert calls["compute_logits"] > before, extra
+
+
+def test_native_lm_head_can_be_turned_off(checkpoint, monkeypatch) -> None:
+    from shoal.model import llama
+
+    _, path = checkpoint
+    runner = make_runner(path)
+    hidden = torch.randn(3, runner.model.arch.hidden_size)
+    assert runner.model.greedy_token_ids(hidden) is not None
+    assert runner.model.greedy_token_ids(hidden.bfloat16()) is None
+    monkeypatch.setenv("SHOAL_NATIVE_LM_HEAD", "0")
+    monkeypatch.setattr(llama, "_native_lm_head", False)  # looked up again
+    assert runner.model.greedy_token_ids(hidden) is None
+
+
 def test_dummy_bfloat16_runner(tmp_path) -> None:
     config = {
         "architectures": ["Qwen2ForCausalLM"], "vocab_size": VOCAB, "hidden_size": 64,
