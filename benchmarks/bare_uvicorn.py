@@ -6,10 +6,13 @@ SSE chunks in the OpenAI chunk format (shoal's field order and sizes, a word per
 usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`. Between chunks
 the handler yields to the event loop once (`asyncio.sleep(0)`), so concurrent streams
 interleave chunk by chunk as they do behind an engine that emits one token per step;
-`--burst` sends each stream's chunks back to back instead. GET /health and /v1/models answer
-like shoal's, so `shoal bench serve` runs against it unchanged.
+`--burst` sends each stream's chunks back to back instead. `--tick-ms T` paces the streams
+like an engine's steps: every T ms each open stream sends its next chunk, one write per
+stream per tick, so the client wakes once per chunk as it does against shoal (the per-token
+cost of a Python front end at an engine's pace rather than flat out). GET /health and
+/v1/models answer like shoal's, so `shoal bench serve` runs against it unchanged.
 
-    python benchmarks/bare_uvicorn.py --port 8001 [--workers 2]
+    python benchmarks/bare_uvicorn.py --port 8001 [--workers 2] [--tick-ms 10]
 
 With `--workers N` the parent binds the socket once and forks N workers titled
 `bare::Worker_<i>` that share it (as shoal's API servers share the launcher's socket).
@@ -98,11 +101,33 @@ def _prompt_tokens(body: Body) -> int:
     return len((body.prompt or "").split()) or 1
 
 
+class Ticker:
+    """A shared clock: `await tick()` returns at the next multiple of `period_s`."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._next: asyncio.Future[None] | None = None
+
+    async def tick(self) -> None:
+        if self._next is None:
+            loop = asyncio.get_running_loop()
+            self._next = loop.create_future()
+            loop.call_at(
+                (loop.time() // self.period_s + 1) * self.period_s, self._fire, self._next
+            )
+        await self._next
+
+    def _fire(self, future: asyncio.Future[None]) -> None:
+        self._next = None
+        future.set_result(None)
+
+
 class App:
     """The raw ASGI app."""
 
-    def __init__(self, burst: bool) -> None:
+    def __init__(self, burst: bool, tick_ms: float = 0.0) -> None:
         self.burst = burst
+        self.ticker = Ticker(tick_ms / 1000) if tick_ms > 0 else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -141,8 +166,10 @@ class App:
                 else Choice(0, text, None, reason)
             )
             payload = _encode(Chunk(request_id, created, MODEL, [choice], None, kind))
+            if self.ticker is not None:
+                await self.ticker.tick()
             await send(_body(b"data: " + payload + b"\n\n"))
-            if not self.burst:
+            if not self.burst and self.ticker is None:
                 await asyncio.sleep(0)
         if body.stream_options is not None and body.stream_options.include_usage:
             payload = _encode(Chunk(request_id, created, MODEL, [], usage, kind))
@@ -168,7 +195,7 @@ async def _read_body(receive: Any) -> bytes:
             return b"".join(parts)
 
 
-def _serve(sock: socket.socket, burst: bool, title: str) -> None:
+def _serve(sock: socket.socket, burst: bool, title: str, tick_ms: float = 0.0) -> None:
     """One worker: uvicorn on the shared socket until SIGTERM / SIGINT."""
     with contextlib.suppress(ImportError):
         import setproctitle
@@ -179,7 +206,7 @@ def _serve(sock: socket.socket, burst: bool, title: str) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, lambda signum, frame: None)
     config = uvicorn.Config(
-        App(burst),
+        App(burst, tick_ms),
         loop="uvloop",
         http="httptools",
         lifespan="on",
@@ -196,20 +223,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the socket")
     parser.add_argument("--burst", action="store_true", help="no yield between chunks")
+    parser.add_argument(
+        "--tick-ms", type=float, default=0.0, help="pace: one chunk per stream every T ms"
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise SystemExit("--workers: must be at least 1")
+    if args.tick_ms < 0:
+        raise SystemExit("--tick-ms: must be >= 0")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     sock.listen(2048)
     print(f"bare uvicorn listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
     if args.workers == 1:
-        _serve(sock, args.burst, "bare::Worker_0")
+        _serve(sock, args.burst, "bare::Worker_0", args.tick_ms)
         return 0
     ctx = multiprocessing.get_context("fork")
     workers = [
-        ctx.Process(target=_serve, args=(sock, args.burst, f"bare::Worker_{i}"), daemon=True)
+        ctx.Process(
+            target=_serve, args=(sock, args.burst, f"bare::Worker_{i}", args.tick_ms), daemon=True
+        )
         for i in range(args.workers)
     ]
     for worker in workers:

@@ -573,13 +573,16 @@ std::vector<at::Tensor> lm_head_argmax(const at::Tensor& x_in, const at::Tensor&
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear,
+  // Every kernel runs without the GIL (arguments are converted before, results after), so
+  // the engine's ZMQ input and output threads keep moving while a step computes.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("int8_linear", &int8_linear, nogil,
         "y = x W^T (+ bias): int8 weights, per-row int8 activations, float32 outlier channels");
-  m.def("paged_decode_attention", &paged_decode_attention,
+  m.def("paged_decode_attention", &paged_decode_attention, nogil,
         "attention of one query token per request over its paged KV cache");
-  m.def("decode_layers", &decode_layers,
+  m.def("decode_layers", &decode_layers, nogil,
         "every decoder layer of a decode-only step (float32, CPU) in one call");
-  m.def("pack_lm_head", &pack_lm_head, "LM head weight [V, K] -> panels for lm_head_argmax");
-  m.def("lm_head_argmax", &lm_head_argmax,
+  m.def("pack_lm_head", &pack_lm_head, nogil, "LM head weight [V, K] -> panels for lm_head_argmax");
+  m.def("lm_head_argmax", &lm_head_argmax, nogil,
         "greedy tokens: (argmax ids, max logits) of x W^T without writing the logits");
 }
