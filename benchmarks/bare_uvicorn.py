@@ -112,9 +112,7 @@ class Ticker:
         if self._next is None:
             loop = asyncio.get_running_loop()
             self._next = loop.create_future()
-            loop.call_at(
-                (loop.time() // self.period_s + 1) * self.period_s, self._fire, self._next
-            )
+            loop.call_at((loop.time() // self.period_s + 1) * self.period_s, self._fire, self._next)
         await self._next
 
     def _fire(self, future: asyncio.Future[None]) -> None:
