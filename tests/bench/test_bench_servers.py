@@ -65,7 +65,9 @@ def shoal_server(tmp_path) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def bare_server(tmp_path) -> Iterator[ServerProcess]:
-    argv = [sys.executable, os.path.join(REPO, "benchmarks", "bare_uvicorn.py"), "--workers", "2"]
+    script = os.path.join(REPO, "benchmarks", "bare_uvicorn.py")
+    # Paced like an engine: each stream sends a chunk every 20 ms.
+    argv = [sys.executable, script, "--workers", "2", "--tick-ms", "20"]
     server = _started(argv, str(tmp_path / "bare.log"))
     yield server
     _stop_cleanly(server)
@@ -166,3 +168,4 @@ def test_bench_cli_against_bare_baseline(bare_server: ServerProcess, tmp_path) -
         summary = json.load(f)
     _sane(summary, 32, 16)
     assert summary["model"] == "bare-uvicorn" and summary["max_concurrency"] == 8
+    assert summary["median_itl_ms"] >= 15  # --tick-ms 20: one chunk per stream per tick
