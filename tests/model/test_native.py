@@ -262,3 +262,28 @@ def test_lm_head_argmax_ties_padding_and_threads(kernels) -> None:
         torch.set_num_threads(saved)
     with pytest.raises(RuntimeError, match="hidden size"):
         kernels.lm_head_argmax(x[:, :16], packed, vocab)
+
+
+def test_kernels_release_the_gil(kernels) -> None:
+    """A Python thread woken just before a kernel call runs while the kernel computes (the
+    engine's ZMQ threads must not wait out a step). Holding the GIL, the kernel would keep
+    the woken thread out until it returned."""
+    import sys
+    import threading
+    import time
+
+    w, x = _argmax_case(49152, 576, rows=64)
+    packed = kernels.pack_lm_head(w)
+    go, ran_at = threading.Event(), []
+    thread = threading.Thread(target=lambda: (go.wait(), ran_at.append(time.perf_counter())))
+    thread.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)  # no forced hand-over before the call starts
+    try:
+        go.set()
+        kernels.lm_head_argmax(x, packed, 49152)  # ~50-100 ms
+        returned_at = time.perf_counter()
+    finally:
+        sys.setswitchinterval(interval)
+        thread.join()
+    assert ran_at[0] < returned_at
