@@ -88,13 +88,20 @@ _native_lm_head: Any = False  # not looked up yet
 
 
 def _quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """7-bit rows of `w` ([N, k], k may be 0) padded with zero columns to a multiple of 32,
-    the scale per row (max |row| / 63) and the int32 sum of each quantized row."""
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / _W_QMAX if w.shape[1] else w.new_ones(len(w))
+    """7-bit rows of `w` ([N, k], k may be 0) in the kernel's packed layout, the scale per
+    row (max |row| / 63) and the int32 sum of each quantized row.
+
+    Packed: [ceil(N / 8), k4 / 4, 8, 4] with k4 = k rounded up to a multiple of 4 (at least
+    4), zero padded: element [p, g, c, b] is row 8 p + c, column 4 g + b, so one 32-byte load
+    of the kernel holds 4 consecutive input channels of 8 output channels."""
+    n, k = w.shape
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / _W_QMAX if k else w.new_ones(n)
     q = torch.round(w / scale[:, None]).clamp_(-_W_QMAX, _W_QMAX).to(torch.int8)
-    padded = torch.zeros(w.shape[0], max(32, -(-w.shape[1] // 32) * 32), dtype=torch.int8)
-    padded[:, : w.shape[1]] = q
-    return padded, scale.float(), q.sum(dim=1, dtype=torch.int32)
+    n8, k4 = -(-n // 8) * 8, max(4, -(-k // 4) * 4)
+    padded = torch.zeros(n8, k4, dtype=torch.int8)
+    padded[:n, :k] = q
+    packed = padded.view(n8 // 8, 8, k4 // 4, 4).transpose(1, 2).contiguous()
+    return packed, scale.float(), q.sum(dim=1, dtype=torch.int32)
 
 
 class Int8Linear(nn.Module):
@@ -102,8 +109,8 @@ class Int8Linear(nn.Module):
     and out, on the native `int8_linear` kernel (CPU, AVX2).
 
     Weights: 7 bits per output channel (scale = max |row| / 63, see `_W_QMAX`) over the main
-    input channels, zero-padded to a multiple of 32. Activations: each row's main channels are
-    quantized with scale max |x| / 127 inside the kernel; the int32 sums are exact and the
+    input channels, packed for the kernel (see `_quantize_columns`). Activations: each row's
+    main channels are quantized with scale max |x| / 127 inside the kernel; the int32 sums are exact and the
     float epilogue runs in a fixed order, so a row's result depends on that row alone:
     batching never changes it. A few `outliers` input channels (chosen at load by calibration,
     fixed afterwards) stay out of the quantization: they are added in float32 with their

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -31,108 +32,207 @@ namespace {
 // in the epilogue (a second int8 group with its own scales was faster by a few percent but
 // lost 3-4 points of top-1 agreement with float32: the outliers differ from each other by
 // 10-100x too).
+//
+// Weight layout (packed once at load by shoal/model/llama.py's _quantize_columns):
+// [ceil(N / 8)][K4 / 4][8][4] int8, K4 = the main channels rounded up to a multiple of 4, zero
+// padded in both directions. A "panel" is 8 output channels over all of K4; within it, one
+// 32-byte load holds 4 consecutive input channels of each of the 8 outputs. Broadcasting a
+// row's 4 activation bytes (vpbroadcastd) against that load, vpmaddubsw + vpmaddwd(ones)
+// gives the 8 outputs' partial sums over those 4 channels in 8 int32 lanes: accumulators are
+// 8 output channels wide and need no horizontal sum at the end (an [N, K] layout, one
+// accumulator per (row, output channel), spent ~10% of the time in horizontal sums and could
+// only keep 2 output channels per tile in registers).
+//
+// Register tile: 5 rows x 2 panels (16 output channels) = 10 int32 accumulators, plus the two
+// weight vectors, the broadcast activations, the ones and a temporary: all 16 ymm registers
+// (6 x 2 spills; 4 x 2, 3 x 4 and 4 x 3 measured 10-25% slower). Per 4 input channels that
+// is 2 loads + 5 broadcasts for 10 x (vpmaddubsw, vpmaddwd, vpaddd): the two multiplies per
+// 32 products are what bounds it (they share 2 ports). 1 or 2 rows take 4 panels
+// (32 output channels) per tile, so the 1-row (decode) case loads 4 weight vectors per
+// broadcast; 3 and 4 rows keep 2 panels.
+//
+// Blocking: a work item is 40 rows x 128 output channels (64 when all rows fit one block:
+// more items to share between threads). Inside it, panels outer, rows inner: the 40 rows'
+// activations (23 KB at K = 576) and the current 16-channel weight panel pair (9 KB) stay in
+// L1 while the panels stream from L2 (measured: 40 x 128 was ~15% faster than 128 x 64 rows
+// inner, whose 72 KB of activations came from L2 on every panel).
+//
+// Epilogue fused into the tile: the int32 sums go straight from registers to float (sum -
+// 128 colsum, times the row scale, times the weight scale), then the outlier channels are
+// added in input order with one FMA each (the outlier weight vector is loaded once for all of
+// the tile's rows), then the bias. Every output element gets exactly the same operations in
+// the same order whatever the tile, thread split or batch: results do not depend on them.
 
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
+struct Int8Problem {
+  const uint8_t* a;      // quantized rows, [M, K4] (q + 128, padding 128)
+  int64_t K4;            // padded main channels, % 4 == 0
+  const int8_t* w;       // packed weights, [ceil(N / 8)][K4 / 4][8][4]
+  const float* row_scale;
+  const float* xo;       // the rows' outlier channels, [M, K_out]
+  int64_t K_out;
+  const float* ow;       // outlier weights blocked by 8 outputs, [ceil(N / 8), K_out, 8]
+  const int32_t* colsum;
+  const float* w_scale;
+  const float* bias;     // or nullptr
+  float* y;              // [M, N]
+  int64_t N;
+};
+
+// Lanes of output channels n .. n + 7 that exist (the last panel may be partial).
+inline __m256i lane_mask(int64_t n, int64_t N) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// int32 dot products of MT activation rows with NT weight rows, Kp % 32 == 0.
-template <int MT, int NT>
-inline void int8_tile(const uint8_t* a, const int8_t* w, int32_t* acc_out, int64_t Kp,
-                      int64_t k0, int64_t k1, int64_t N, int64_t m0, int64_t n0) {
+inline __m256 load_cols(const float* p, int64_t n, int64_t N) {
+  return n + 8 <= N ? _mm256_loadu_ps(p + n) : _mm256_maskload_ps(p + n, lane_mask(n, N));
+}
+
+inline __m256i load_cols(const int32_t* p, int64_t n, int64_t N) {
+  return n + 8 <= N ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + n))
+                    : _mm256_maskload_epi32(p + n, lane_mask(n, N));
+}
+
+// y[m0 .. m0 + MT, n0 .. n0 + 8 NV): MT rows against NV panels, n0 % 8 == 0, every panel
+// starting below N.
+template <int MT, int NV>
+inline void int8_tile(const Int8Problem& p, int64_t m0, int64_t n0) {
+  const int64_t K4 = p.K4, panel = K4 * 8;
+  const int8_t* w = p.w + (n0 / 8) * panel;
+  const uint8_t* a = p.a + m0 * K4;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[MT][NT];
+  __m256i acc[MT][NV];
   for (int i = 0; i < MT; i++)
-    for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_si256();
-  for (int64_t k = k0; k < k1; k += 32) {
-    __m256i wv[NT];
-    for (int j = 0; j < NT; j++) {
-      // Weight rows stream from memory at small batch: ask for those two tiles ahead
-      // (measured on the LM head at one row: 5.1 -> 4.0 ms; a plain read of it takes 3.0).
-      _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + j + 2 * NT) * Kp + k), _MM_HINT_T0);
-      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + j) * Kp + k));
-    }
+    for (int j = 0; j < NV; j++) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K4; k += 4) {
+    __m256i wv[NV];
+    for (int j = 0; j < NV; j++)
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * panel + k * 8));
     for (int i = 0; i < MT; i++) {
-      const __m256i av =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + (m0 + i) * Kp + k));
-      for (int j = 0; j < NT; j++) {
-        const __m256i pairs = _mm256_maddubs_epi16(av, wv[j]);
-        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
-      }
+      int32_t a4;
+      std::memcpy(&a4, a + i * K4 + k, 4);
+      const __m256i av = _mm256_set1_epi32(a4);
+      for (int j = 0; j < NV; j++)
+        acc[i][j] = _mm256_add_epi32(acc[i][j],
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(av, wv[j]), ones));
     }
   }
-  for (int i = 0; i < MT; i++)
-    for (int j = 0; j < NT; j++) acc_out[(m0 + i) * N + n0 + j] = hsum_epi32(acc[i][j]);
+
+  const int64_t N = p.N, K_out = p.K_out;
+  const __m256i c128 = _mm256_set1_epi32(128);
+  __m256 v[MT][NV];
+  for (int j = 0; j < NV; j++) {
+    const int64_t n = n0 + 8 * j;
+    const __m256i offset = _mm256_mullo_epi32(c128, load_cols(p.colsum, n, N));
+    const __m256 ws = load_cols(p.w_scale, n, N);
+    for (int i = 0; i < MT; i++) {
+      const __m256 sv = _mm256_set1_ps(p.row_scale[m0 + i]);
+      v[i][j] = _mm256_mul_ps(
+          _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][j], offset)), sv), ws);
+    }
+  }
+  const float* ow = p.ow + (n0 / 8) * K_out * 8;
+  const float* xo = p.xo + m0 * K_out;
+  for (int64_t c = 0; c < K_out; c++) {
+    __m256 owv[NV];
+    for (int j = 0; j < NV; j++) owv[j] = _mm256_loadu_ps(ow + (j * K_out + c) * 8);
+    for (int i = 0; i < MT; i++) {
+      const __m256 xb = _mm256_set1_ps(xo[i * K_out + c]);
+      for (int j = 0; j < NV; j++) v[i][j] = _mm256_fmadd_ps(xb, owv[j], v[i][j]);
+    }
+  }
+  for (int j = 0; j < NV; j++) {
+    const int64_t n = n0 + 8 * j;
+    const __m256 b = p.bias ? load_cols(p.bias, n, N) : _mm256_setzero_ps();
+    for (int i = 0; i < MT; i++) {
+      if (p.bias) v[i][j] = _mm256_add_ps(v[i][j], b);
+      float* yr = p.y + (m0 + i) * N;
+      if (n + 8 <= N)
+        _mm256_storeu_ps(yr + n, v[i][j]);
+      else
+        _mm256_maskstore_ps(yr + n, lane_mask(n, N), v[i][j]);
+    }
+  }
 }
 
-template <int MT, int NT>
-void int8_rows(const uint8_t* a, const int8_t* w, int32_t* acc, int64_t Kp, int64_t k0,
-               int64_t k1, int64_t N, int64_t m0, int64_t nb, int64_t ne) {
-  int64_t n = nb;
-  for (; n + NT <= ne; n += NT) int8_tile<MT, NT>(a, w, acc, Kp, k0, k1, N, m0, n);
-  for (; n < ne; n++) int8_tile<MT, 1>(a, w, acc, Kp, k0, k1, N, m0, n);
-}
-
-// Rows [m0, m1) x columns [nb, ne) over k in [k0, k1).
-void int8_block(const uint8_t* a, const int8_t* w, int32_t* acc, int64_t Kp, int64_t k0,
-                int64_t k1, int64_t N, int64_t m0, int64_t m1, int64_t nb, int64_t ne) {
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) int8_rows<4, 2>(a, w, acc, Kp, k0, k1, N, m, nb, ne);
-  switch (m1 - m) {
-    case 3: int8_rows<3, 2>(a, w, acc, Kp, k0, k1, N, m, nb, ne); break;
-    case 2: int8_rows<2, 4>(a, w, acc, Kp, k0, k1, N, m, nb, ne); break;
-    case 1: int8_rows<1, 4>(a, w, acc, Kp, k0, k1, N, m, nb, ne); break;
+// `rows` (1 .. 5) rows from m0 against NV panels from n0.
+template <int NV>
+inline void int8_tile_rows(const Int8Problem& p, int rows, int64_t m0, int64_t n0) {
+  switch (rows) {
+    case 5: int8_tile<5, NV>(p, m0, n0); break;
+    case 4: int8_tile<4, NV>(p, m0, n0); break;
+    case 3: int8_tile<3, NV>(p, m0, n0); break;
+    case 2: int8_tile<2, NV>(p, m0, n0); break;
+    case 1: int8_tile<1, NV>(p, m0, n0); break;
     default: break;
   }
 }
 
-// Quantize values (gathered through idx) to uint8 q + 128 with scale max |x| / 127, padding
-// with zeros (128) up to `padded`; returns the scale.
-inline float quantize_group(const float* xr, const int64_t* idx, int64_t count, int64_t padded,
-                            uint8_t* out) {
-  float amax = 0.f;
-  for (int64_t j = 0; j < count; j++) amax = std::max(amax, std::fabs(xr[idx[j]]));
-  const float scale = amax > 0.f ? amax / 127.f : 1.f;
-  const float inv = 1.f / scale;
-  for (int64_t j = 0; j < count; j++)
-    out[j] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(xr[idx[j]] * inv)) + 128);
-  for (int64_t j = count; j < padded; j++) out[j] = 128;
-  return scale;
+// Rows [m0, m1) x output channels [nb, ne) (nb % 8 == 0): panels (NV at a time, then one by
+// one) outer, 5-row tiles inner.
+template <int NV>
+void int8_block(const Int8Problem& p, int64_t m0, int64_t m1, int64_t nb, int64_t ne) {
+  int64_t n = nb;
+  for (; n + 8 * (NV - 1) < ne; n += 8 * NV)
+    for (int64_t m = m0; m < m1; m += 5)
+      int8_tile_rows<NV>(p, static_cast<int>(std::min<int64_t>(5, m1 - m)), m, n);
+  for (; n < ne; n += 8)
+    for (int64_t m = m0; m < m1; m += 5)
+      int8_tile_rows<1>(p, static_cast<int>(std::min<int64_t>(5, m1 - m)), m, n);
 }
 
-// y[r, n0 .. n0 + 8 V) = scaled int32 sums + outliers (input channel order) + bias, V vectors
-// at a time so that the outlier FMA chains are independent. Every element gets the same
-// operations in the same order whatever V is: results do not depend on the tiling.
-// ow: outlier weights blocked by 8 output channels, [ceil(N / 8), K_out, 8]: the rows a chunk
-// needs are contiguous (a [K_out, N] layout put them N x 4 bytes apart, and with N a multiple
-// of 1024 every row fell in the same L1 set: 4K aliasing made the epilogue 5x slower).
-template <int V>
-inline void epilogue(float* yr, const int32_t* acc, const int32_t* colsum, const float* w_scale,
-                     float row_scale, const float* xo, const float* ow, int64_t K_out,
-                     const float* bias, int64_t n0) {
-  const __m256 sv = _mm256_set1_ps(row_scale);
+// Quantize values (gathered through idx) to uint8 q + 128 with scale max |x| / 127, padding
+// with zeros (128) up to `padded`; returns the scale. `g` is scratch for `count` floats.
+// idx is sorted (the main channels, the outliers left out), so most runs of 8 are contiguous
+// and read with one load; the rest are gathered one by one. Vector and scalar paths compute
+// the same values: max is exact, and x * inv rounded to nearest even (vcvtps2dq in the
+// default rounding mode) is std::nearbyint's result. |x * inv| <= 127, so q + 128 fits a
+// byte and the saturating packs change nothing. (The scalar version of this took ~2 ms of a
+// 2048 x 576 call's ~15, ~5 ms at K = 1536.)
+inline float quantize_group(const float* xr, const int64_t* idx, int64_t count, int64_t padded,
+                            uint8_t* out, float* g) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 amax8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    __m256 v;
+    if (idx[j + 7] - idx[j] == 7) {
+      v = _mm256_loadu_ps(xr + idx[j]);
+    } else {
+      v = _mm256_setr_ps(xr[idx[j]], xr[idx[j + 1]], xr[idx[j + 2]], xr[idx[j + 3]],
+                         xr[idx[j + 4]], xr[idx[j + 5]], xr[idx[j + 6]], xr[idx[j + 7]]);
+    }
+    _mm256_storeu_ps(g + j, v);
+    amax8 = _mm256_max_ps(amax8, _mm256_and_ps(v, abs_mask));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, amax8);
+  float amax = 0.f;
+  for (int l = 0; l < 8; l++) amax = std::max(amax, lanes[l]);
+  for (; j < count; j++) {
+    g[j] = xr[idx[j]];
+    amax = std::max(amax, std::fabs(g[j]));
+  }
+  const float scale = amax > 0.f ? amax / 127.f : 1.f;
+  const float inv = 1.f / scale;
+  const __m256 invv = _mm256_set1_ps(inv);
   const __m256i c128 = _mm256_set1_epi32(128);
-  __m256 v[V];
-  for (int i = 0; i < V; i++) {
-    const int64_t n = n0 + 8 * i;
-    const __m256i sums = _mm256_sub_epi32(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + n)),
-        _mm256_mullo_epi32(c128, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + n))));
-    v[i] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), sv), _mm256_loadu_ps(w_scale + n));
+  // packs/packus interleave the 128-bit lanes; this puts the 32 bytes back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  auto q = [&](int64_t i) {
+    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(g + i), invv);
+    return _mm256_add_epi32(_mm256_cvtps_epi32(scaled), c128);
+  };
+  for (j = 0; j + 32 <= count; j += 32) {
+    const __m256i lo = _mm256_packs_epi32(q(j), q(j + 8));
+    const __m256i hi = _mm256_packs_epi32(q(j + 16), q(j + 24));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, hi), order));
   }
-  const float* owc = ow + (n0 / 8) * K_out * 8;
-  for (int64_t j = 0; j < K_out; j++) {
-    const __m256 xb = _mm256_set1_ps(xo[j]);
-    for (int i = 0; i < V; i++)
-      v[i] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(owc + (i * K_out + j) * 8), v[i]);
-  }
-  for (int i = 0; i < V; i++) {
-    if (bias) v[i] = _mm256_add_ps(v[i], _mm256_loadu_ps(bias + n0 + 8 * i));
-    _mm256_storeu_ps(yr + n0 + 8 * i, v[i]);
-  }
+  for (; j < count; j++)
+    out[j] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(g[j] * inv)) + 128);
+  for (; j < padded; j++) out[j] = 128;
+  return scale;
 }
 
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
@@ -142,14 +242,15 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
               "int8_linear: x must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous() &&
-                  w.size(1) % 32 == 0,
-              "int8_linear: w must be contiguous int8 [N, Kp] with Kp % 32 == 0");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = w.size(1);
+  const int64_t M = x.size(0), K = x.size(1), N = w_scale.numel();
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == torch::kChar && w.is_contiguous() &&
+                  w.size(0) == (N + 7) / 8 && w.size(2) == 8 && w.size(3) == 4,
+              "int8_linear: w must be contiguous int8 [ceil(N / 8), K4 / 4, 8, 4] (packed)");
+  const int64_t K4 = w.size(1) * 4;
   const int64_t K_main = main_idx.numel(), K_out = outlier_idx.numel();
-  TORCH_CHECK(K_main + K_out == K && K_main <= Kp, "int8_linear: channel split mismatch");
-  TORCH_CHECK(w_scale.numel() == N && w_colsum.numel() == N &&
-                  w_scale.scalar_type() == torch::kFloat && w_colsum.scalar_type() == torch::kInt,
+  TORCH_CHECK(K_main + K_out == K && K_main <= K4, "int8_linear: channel split mismatch");
+  TORCH_CHECK(w_colsum.numel() == N && w_scale.scalar_type() == torch::kFloat &&
+                  w_colsum.scalar_type() == torch::kInt,
               "int8_linear: w_scale (float32) and w_colsum (int32) must have N entries");
   TORCH_CHECK(outlier_w.numel() == (N + 7) / 8 * K_out * 8 &&
                   outlier_w.scalar_type() == torch::kFloat && outlier_w.is_contiguous(),
@@ -158,11 +259,10 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
               "int8_linear: bias must be float32 [N]");
 
   auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
-  auto a = torch::empty({M, Kp}, x.options().dtype(torch::kByte));
+  if (M == 0 || N == 0) return y;
+  auto a = torch::empty({M, K4}, x.options().dtype(torch::kByte));
   auto x_out = torch::empty({M, std::max<int64_t>(K_out, 1)}, x.options());
   auto row_scale = torch::empty({M}, x.options());
-  auto acc = torch::empty({M, N}, x.options().dtype(torch::kInt));
 
   const float* xp = x.data_ptr<float>();
   uint8_t* ap = a.data_ptr<uint8_t>();
@@ -172,44 +272,33 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   const int64_t* oi = outlier_idx.data_ptr<int64_t>();
 
   at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> gathered(static_cast<size_t>(std::max<int64_t>(K_main, 1)));
     for (int64_t m = r0; m < r1; m++) {
-      sp[m] = quantize_group(xp + m * K, mi, K_main, Kp, ap + m * Kp);
+      sp[m] = quantize_group(xp + m * K, mi, K_main, K4, ap + m * K4, gathered.data());
       for (int64_t j = 0; j < K_out; j++) xop[m * K_out + j] = xp[m * K + oi[j]];
     }
   });
 
-  const int8_t* wp = w.data_ptr<int8_t>();
-  int32_t* accp = acc.data_ptr<int32_t>();
-  const float* wsp = w_scale.data_ptr<float>();
-  const int32_t* csp = w_colsum.data_ptr<int32_t>();
-  const float* owp = outlier_w.data_ptr<float>();
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+  const Int8Problem p{ap, K4, w.data_ptr<int8_t>(), sp, xop, K_out,
+                      outlier_w.data_ptr<float>(), w_colsum.data_ptr<int32_t>(),
+                      w_scale.data_ptr<float>(),
+                      bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                      y.data_ptr<float>(), N};
 
   // Work items are (row block, column block) tiles, row block outer: a thread's items share
-  // their rows (kept in cache) while it walks over the column blocks' weights.
-  constexpr int64_t NB = 64, MB = 128;
+  // their rows (kept in cache) while it walks over the column blocks' weights. Blocks of 1-2
+  // rows take 4 panels per tile (3 x 4 and 4 x 4 would not fit the 16 registers).
+  constexpr int64_t MB = 40;
+  const int64_t NB = M <= MB ? 64 : 128;
   const int64_t n_blocks = (N + NB - 1) / NB, m_blocks = (M + MB - 1) / MB;
   at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t item = b0; item < b1; item++) {
       const int64_t mb = (item / n_blocks) * MB, me = std::min(M, mb + MB);
       const int64_t nb = (item % n_blocks) * NB, ne = std::min(N, nb + NB);
-      int8_block(ap, wp, accp, Kp, 0, Kp, N, mb, me, nb, ne);
-      for (int64_t r = mb; r < me; r++) {
-        const float* xo = xop + r * K_out;
-        float* yr = yp + r * N;
-        const int32_t* ar = accp + r * N;
-        int64_t n = nb;
-        for (; n + 32 <= ne; n += 32) epilogue<4>(yr, ar, csp, wsp, sp[r], xo, owp, K_out, bp, n);
-        for (; n + 8 <= ne; n += 8) epilogue<1>(yr, ar, csp, wsp, sp[r], xo, owp, K_out, bp, n);
-        for (; n < ne; n++) {  // the same operations, one lane
-          float v = static_cast<float>(ar[n] - 128 * csp[n]) * sp[r] * wsp[n];
-          const float* owc = owp + (n / 8) * K_out * 8 + n % 8;
-          for (int64_t j = 0; j < K_out; j++) v = std::fma(xo[j], owc[j * 8], v);
-          if (bp) v += bp[n];
-          yr[n] = v;
-        }
-      }
+      if (me - mb > 2)
+        int8_block<2>(p, mb, me, nb, ne);
+      else
+        int8_block<4>(p, mb, me, nb, ne);
     }
   });
   return y;

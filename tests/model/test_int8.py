@@ -80,6 +80,26 @@ def test_int8_linear_matches_its_definition_and_is_close_to_float32() -> None:
     assert (odd(x[:, :37]) - _fake_quant(x[:, :37], w[:, :37], [0, 36])).norm() < 1e-4
 
 
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "outliers"),
+    [(13, 72, [5]), (37, 100, [0, 63, 99]), (1, 3, []), (9, 4, [1]), (300, 130, [2, 77])],
+)
+def test_int8_linear_awkward_shapes(out_features: int, in_features: int, outliers: list) -> None:
+    """K not a multiple of 4 or 32 and N not a multiple of 8 or 16: the packed layout's
+    padding and the kernel's partial panels (masked epilogue), with and without bias, at row
+    counts that hit every register tile (1-5 rows) and its remainders."""
+    w, b = _weights(out_features, in_features)
+    for bias in (None, b):
+        linear = Int8Linear(w, bias, torch.tensor(outliers, dtype=torch.long))
+        for rows in (1, 2, 3, 4, 5, 7, 17, 45):
+            x = _activations(rows, max(in_features, 8))[:, :in_features].contiguous()
+            ref = _fake_quant(x, w, outliers) + (0 if bias is None else bias)
+            y = linear(x)
+            assert y.shape == (rows, out_features)
+            assert (y - ref).norm() / ref.norm() < 1e-5, (bias is None, rows)
+            assert torch.equal(linear(x[-1:].clone())[0], y[-1])
+
+
 def test_int8_linear_is_batch_invariant() -> None:
     """A row's output is bit-identical whatever rows share its call."""
     linear = Int8Linear(*_weights(200, 96), torch.tensor([3, 7, 50]))
