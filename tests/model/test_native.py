@@ -23,9 +23,9 @@ def kernels():
     return module
 
 
-def _case(lens: list[int], seed: int = 0):
+def _case(lens: list[int], seed: int = 0, head_dim: int = HEAD_DIM):
     g = torch.Generator().manual_seed(seed)
-    cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)
+    cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim, generator=g)
     max_blocks = -(-max(lens) // BLOCK_SIZE)
     # Each request's own blocks scattered over the cache, rows padded with block 0; the table
     # is a column slice of a wider buffer (row stride != width), as the model runner passes it.
@@ -35,7 +35,7 @@ def _case(lens: list[int], seed: int = 0):
         blocks, free = free[: -(-n // BLOCK_SIZE)], free[-(-n // BLOCK_SIZE) :]
         table[r, : blocks.numel()] = blocks
     # q as the model has it: a strided view of the rotated [q | k] heads.
-    q = torch.randn(len(lens), HEADS + KV_HEADS, HEAD_DIM, generator=g)[:, :HEADS]
+    q = torch.randn(len(lens), HEADS + KV_HEADS, head_dim, generator=g)[:, :HEADS]
     return q, cache, table[:, :max_blocks], torch.tensor(lens)
 
 
@@ -79,6 +79,18 @@ def test_decode_attention_matches_the_torch_path(kernels, window) -> None:
         q, poisoned, table, seq_lens, HEAD_DIM**-0.5, window or 0
     )
     assert torch.equal(again, got)
+
+
+@pytest.mark.parametrize("head_dim", [128, 72, 20])
+def test_decode_attention_other_head_dims(kernels, head_dim) -> None:
+    """Two 64-wide value slices (128), a partial slice (72), and the scalar fallback for a
+    head_dim that is not a multiple of 8 (20); keys in groups of 8 plus a tail."""
+    lens = [1, 8, 9, 31, 130]
+    q, cache, table, seq_lens = _case(lens, seed=2, head_dim=head_dim)
+    got = kernels.paged_decode_attention(q, cache, table, seq_lens, head_dim**-0.5, 0)
+    ref = _torch_path(q, cache, table, seq_lens)
+    assert got.shape == (len(lens), HEADS, head_dim)
+    assert (got - ref).abs().max() < 2e-6
 
 
 def test_decode_attention_is_batch_invariant(kernels) -> None:
