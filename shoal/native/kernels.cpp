@@ -360,42 +360,66 @@ inline void axpy(float* out, float p, const float* v, int64_t d) {
   for (; i < d; i++) out[i] += p * v[i];
 }
 
-// Sums of 8 vectors, one per lane: [sum(a[0]), ..., sum(a[7])] (hadd tree, ~7 shuffles for
-// 8 sums instead of ~5 per sum).
-inline __m256 hsum8(const __m256* a) {
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// scores[t] = q . keys[t] * scale for 8 keys: 8 independent FMA chains over d, one hsum8.
-inline void dot8(const float* q, const float* const* keys, int64_t d, float scale,
-                 float* scores) {
-  __m256 acc[8];
-  for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+// Scores of C query heads that share one KV head against 4 keys: each key vector is loaded
+// once for the C heads (GQA: the keys are read once per KV head, not once per query head),
+// 4C independent FMA chains over head_dim (d % 8 == 0), then per head a 3-hadd tree turns its
+// 4 accumulators into 4 sums. out[c][0..3] = q[c] . keys[0..3] * scale.
+template <int C>
+inline void gqa_scores4(const float* const* q, const float* const* keys, int64_t d, float scale,
+                        float* const* out) {
+  __m256 acc[C][4];
+#pragma GCC unroll 4
+  for (int c = 0; c < C; c++)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) acc[c][j] = _mm256_setzero_ps();
   for (int64_t i = 0; i < d; i += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + i);
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[j] + i), acc[j]);
+    const __m256 k0 = _mm256_loadu_ps(keys[0] + i), k1 = _mm256_loadu_ps(keys[1] + i);
+    const __m256 k2 = _mm256_loadu_ps(keys[2] + i), k3 = _mm256_loadu_ps(keys[3] + i);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; c++) {
+      const __m256 qv = _mm256_loadu_ps(q[c] + i);
+      acc[c][0] = _mm256_fmadd_ps(qv, k0, acc[c][0]);
+      acc[c][1] = _mm256_fmadd_ps(qv, k1, acc[c][1]);
+      acc[c][2] = _mm256_fmadd_ps(qv, k2, acc[c][2]);
+      acc[c][3] = _mm256_fmadd_ps(qv, k3, acc[c][3]);
+    }
   }
-  _mm256_storeu_ps(scores, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+#pragma GCC unroll 4
+  for (int c = 0; c < C; c++) {
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(acc[c][0], acc[c][1]),
+                                    _mm256_hadd_ps(acc[c][2], acc[c][3]));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+    _mm_storeu_ps(out[c], _mm_mul_ps(sums, _mm_set1_ps(scale)));
+  }
 }
 
-// out[0 : 8 NV] = sum_t p[t] values[t][0 : 8 NV], the sums held in registers across t.
-template <int NV>
-inline void weighted_sum(const float* p, const float* const* values, int64_t L, float* out) {
-  __m256 acc[NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < NV; i++) acc[i] = _mm256_setzero_ps();
+// The value pass for C query heads sharing one KV head, one 32-wide slice of head_dim:
+// out[c][0..32) = sum_t p[c][t] values[t][0..32), each value vector loaded once for the C
+// heads and the sums held in registers across every key.
+template <int C>
+inline void gqa_weighted_sum32(const float* const* p, const float* const* values, int64_t L,
+                               float* const* out) {
+  __m256 acc[C][4];
+#pragma GCC unroll 4
+  for (int c = 0; c < C; c++)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) acc[c][j] = _mm256_setzero_ps();
   for (int64_t t = 0; t < L; t++) {
-    const __m256 pv = _mm256_set1_ps(p[t]);
-#pragma GCC unroll 8
-    for (int i = 0; i < NV; i++)
-      acc[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(values[t] + 8 * i), acc[i]);
+    const __m256 v0 = _mm256_loadu_ps(values[t]), v1 = _mm256_loadu_ps(values[t] + 8);
+    const __m256 v2 = _mm256_loadu_ps(values[t] + 16), v3 = _mm256_loadu_ps(values[t] + 24);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; c++) {
+      const __m256 pv = _mm256_set1_ps(p[c][t]);
+      acc[c][0] = _mm256_fmadd_ps(pv, v0, acc[c][0]);
+      acc[c][1] = _mm256_fmadd_ps(pv, v1, acc[c][1]);
+      acc[c][2] = _mm256_fmadd_ps(pv, v2, acc[c][2]);
+      acc[c][3] = _mm256_fmadd_ps(pv, v3, acc[c][3]);
+    }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < NV; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);
+#pragma GCC unroll 4
+  for (int c = 0; c < C; c++)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) _mm256_storeu_ps(out[c] + 8 * j, acc[c][j]);
 }
 
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& kv_cache,
@@ -448,14 +472,24 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
         const int64_t pos = start + t;
         rows[t] = table[pos / BS] * block_stride + (pos % BS) * token_stride;
       }
-      // Scores 8 keys at a time per head (8 FMA chains, one hsum8), then the rest one by one.
+      // Scores 4 keys at a time for up to 3 query heads of a KV head together (each key
+      // vector loaded once for them), then the remaining keys one by one.
       int64_t t0 = 0;
       if (D % 8 == 0) {
-        for (; t0 + 8 <= L; t0 += 8)
-          for (int64_t h = 0; h < H; h++) {
-            const float* keys[8];
-            for (int j = 0; j < 8; j++) keys[j] = kp + rows[t0 + j] + (h / G) * D;
-            dot8(qr + h * q_s1, keys, D, fscale, scores.data() + h * L + t0);
+        for (; t0 + 4 <= L; t0 += 4)
+          for (int64_t h0 = 0; h0 < H; h0 += std::min<int64_t>(3, G - h0 % G)) {
+            const int64_t c = std::min<int64_t>(3, G - h0 % G);
+            const float* keys[4];
+            for (int j = 0; j < 4; j++) keys[j] = kp + rows[t0 + j] + (h0 / G) * D;
+            const float* qs[3];
+            float* outs[3];
+            for (int64_t i = 0; i < c; i++) {
+              qs[i] = qr + (h0 + i) * q_s1;
+              outs[i] = scores.data() + (h0 + i) * L + t0;
+            }
+            if (c == 3) gqa_scores4<3>(qs, keys, D, fscale, outs);
+            else if (c == 2) gqa_scores4<2>(qs, keys, D, fscale, outs);
+            else gqa_scores4<1>(qs, keys, D, fscale, outs);
           }
       }
       for (int64_t t = t0; t < L; t++)
@@ -483,26 +517,25 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
         for (t = 0; t < L; t++) s[t] *= inv;
       }
       float* o = op + r * H * D;
-      if (D % 8 == 0) {
-        // Per head and 64-wide slice of head_dim, the weighted sum stays in registers over
-        // every token (no load/store of the output per token).
+      if (D % 32 == 0) {
+        // Per KV head, up to 3 of its query heads and a 32-wide slice of head_dim at a time:
+        // each value vector is loaded once for them, the sums stay in registers.
         values.resize(static_cast<size_t>(std::max<int64_t>(L, 1)));
-        for (int64_t h = 0; h < H; h++)
-          for (int64_t d0 = 0; d0 < D; d0 += 64) {
-            for (int64_t t = 0; t < L; t++) values[t] = vp + rows[t] + (h / G) * D + d0;
-            const float* p = scores.data() + h * L;
-            float* dst = o + h * D + d0;
-            switch (std::min<int64_t>(64, D - d0) / 8) {
-              case 8: weighted_sum<8>(p, values.data(), L, dst); break;
-              case 7: weighted_sum<7>(p, values.data(), L, dst); break;
-              case 6: weighted_sum<6>(p, values.data(), L, dst); break;
-              case 5: weighted_sum<5>(p, values.data(), L, dst); break;
-              case 4: weighted_sum<4>(p, values.data(), L, dst); break;
-              case 3: weighted_sum<3>(p, values.data(), L, dst); break;
-              case 2: weighted_sum<2>(p, values.data(), L, dst); break;
-              default: weighted_sum<1>(p, values.data(), L, dst); break;
+        for (int64_t h0 = 0; h0 < H; h0 += std::min<int64_t>(3, G - h0 % G)) {
+          const int64_t c = std::min<int64_t>(3, G - h0 % G);
+          for (int64_t d0 = 0; d0 < D; d0 += 32) {
+            for (int64_t t = 0; t < L; t++) values[t] = vp + rows[t] + (h0 / G) * D + d0;
+            const float* ps[3];
+            float* outs[3];
+            for (int64_t i = 0; i < c; i++) {
+              ps[i] = scores.data() + (h0 + i) * L;
+              outs[i] = o + (h0 + i) * D + d0;
             }
+            if (c == 3) gqa_weighted_sum32<3>(ps, values.data(), L, outs);
+            else if (c == 2) gqa_weighted_sum32<2>(ps, values.data(), L, outs);
+            else gqa_weighted_sum32<1>(ps, values.data(), L, outs);
           }
+        }
       } else {
         std::fill(o, o + H * D, 0.f);
         for (int64_t u = 0; u < L; u++)

@@ -83,8 +83,9 @@ def test_decode_attention_matches_the_torch_path(kernels, window) -> None:
 
 @pytest.mark.parametrize("head_dim", [128, 72, 20])
 def test_decode_attention_other_head_dims(kernels, head_dim) -> None:
-    """Two 64-wide value slices (128), a partial slice (72), and the scalar fallback for a
-    head_dim that is not a multiple of 8 (20); keys in groups of 8 plus a tail."""
+    """Four 32-wide value slices (128); 4-key scores but the scalar value loop (72, not a
+    multiple of 32); scalar scores and values (20, not a multiple of 8); keys in groups of 4
+    plus a tail."""
     lens = [1, 8, 9, 31, 130]
     q, cache, table, seq_lens = _case(lens, seed=2, head_dim=head_dim)
     got = kernels.paged_decode_attention(q, cache, table, seq_lens, head_dim**-0.5, 0)
