@@ -23,9 +23,9 @@ def kernels():
     return module
 
 
-def _case(lens: list[int], seed: int = 0, head_dim: int = HEAD_DIM):
+def _case(lens: list[int], seed: int = 0, head_dim: int = HEAD_DIM, heads=HEADS, kv_heads=KV_HEADS):
     g = torch.Generator().manual_seed(seed)
-    cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim, generator=g)
+    cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, generator=g)
     max_blocks = -(-max(lens) // BLOCK_SIZE)
     # Each request's own blocks scattered over the cache, rows padded with block 0; the table
     # is a column slice of a wider buffer (row stride != width), as the model runner passes it.
@@ -35,7 +35,7 @@ def _case(lens: list[int], seed: int = 0, head_dim: int = HEAD_DIM):
         blocks, free = free[: -(-n // BLOCK_SIZE)], free[-(-n // BLOCK_SIZE) :]
         table[r, : blocks.numel()] = blocks
     # q as the model has it: a strided view of the rotated [q | k] heads.
-    q = torch.randn(len(lens), HEADS + KV_HEADS, head_dim, generator=g)[:, :HEADS]
+    q = torch.randn(len(lens), heads + kv_heads, head_dim, generator=g)[:, :heads]
     return q, cache, table[:, :max_blocks], torch.tensor(lens)
 
 
@@ -81,16 +81,19 @@ def test_decode_attention_matches_the_torch_path(kernels, window) -> None:
     assert torch.equal(again, got)
 
 
-@pytest.mark.parametrize("head_dim", [128, 72, 20])
-def test_decode_attention_other_head_dims(kernels, head_dim) -> None:
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "kv_heads"),
+    [(128, HEADS, KV_HEADS), (72, HEADS, KV_HEADS), (20, HEADS, KV_HEADS), (64, 8, 2), (64, 5, 5)],
+)
+def test_decode_attention_other_head_dims(kernels, head_dim, heads, kv_heads) -> None:
     """Four 32-wide value slices (128); 4-key scores but the scalar value loop (72, not a
     multiple of 32); scalar scores and values (20, not a multiple of 8); keys in groups of 4
-    plus a tail."""
+    plus a tail. Groups of 4 query heads per KV head (taken 3 + 1) and no grouping (MHA)."""
     lens = [1, 8, 9, 31, 130]
-    q, cache, table, seq_lens = _case(lens, seed=2, head_dim=head_dim)
+    q, cache, table, seq_lens = _case(lens, 2, head_dim, heads, kv_heads)
     got = kernels.paged_decode_attention(q, cache, table, seq_lens, head_dim**-0.5, 0)
     ref = _torch_path(q, cache, table, seq_lens)
-    assert got.shape == (len(lens), HEADS, head_dim)
+    assert got.shape == (len(lens), heads, head_dim)
     assert (got - ref).abs().max() < 2e-6
 
 
