@@ -107,12 +107,18 @@ class Ticker:
     def __init__(self, period_s: float) -> None:
         self.period_s = period_s
         self._next: asyncio.Future[None] | None = None
+        self._last = 0.0  # the deadline of the last tick
 
     async def tick(self) -> None:
         if self._next is None:
             loop = asyncio.get_running_loop()
             self._next = loop.create_future()
-            loop.call_at((loop.time() // self.period_s + 1) * self.period_s, self._fire, self._next)
+            when = (loop.time() // self.period_s + 1) * self.period_s
+            # Timers may fire a little early, before the multiple they were set for: never
+            # schedule the same tick twice.
+            when = max(when, self._last + self.period_s)
+            self._last = when
+            loop.call_at(when, self._fire, self._next)
         await self._next
 
     def _fire(self, future: asyncio.Future[None]) -> None:

@@ -168,4 +168,6 @@ def test_bench_cli_against_bare_baseline(bare_server: ServerProcess, tmp_path) -
         summary = json.load(f)
     _sane(summary, 32, 16)
     assert summary["model"] == "bare-uvicorn" and summary["max_concurrency"] == 8
-    assert summary["median_itl_ms"] >= 15  # --tick-ms 20: one chunk per stream per tick
+    # --tick-ms 20: one chunk per stream per tick, so 16 chunks take at least 15 ticks (a
+    # busy client may read several chunks at once, so the gaps between them can read 0).
+    assert summary["median_e2el_ms"] >= 290
