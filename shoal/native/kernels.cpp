@@ -291,10 +291,16 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
   constexpr int64_t MB = 40;
   const int64_t NB = M <= MB ? 64 : 128;
   const int64_t n_blocks = (N + NB - 1) / NB, m_blocks = (M + MB - 1) / MB;
+  // With few row blocks (a decode batch: M = 64 is 40 + 24 rows) the items go column block
+  // outer instead: threads then split the columns, not the (unequal) row blocks, and a
+  // column block's weights are read from memory once for all its row blocks.
+  const bool columns_outer = m_blocks <= 4;
   at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t item = b0; item < b1; item++) {
-      const int64_t mb = (item / n_blocks) * MB, me = std::min(M, mb + MB);
-      const int64_t nb = (item % n_blocks) * NB, ne = std::min(N, nb + NB);
+      const int64_t mi = columns_outer ? item % m_blocks : item / n_blocks;
+      const int64_t ni = columns_outer ? item / m_blocks : item % n_blocks;
+      const int64_t mb = mi * MB, me = std::min(M, mb + MB);
+      const int64_t nb = ni * NB, ne = std::min(N, nb + NB);
       if (me - mb > 2)
         int8_block<2>(p, mb, me, nb, ne);
       else
