@@ -110,8 +110,8 @@ class Int8Linear(nn.Module):
 
     Weights: 7 bits per output channel (scale = max |row| / 63, see `_W_QMAX`) over the main
     input channels, packed for the kernel (see `_quantize_columns`). Activations: each row's
-    main channels are quantized with scale max |x| / 127 inside the kernel; the int32 sums are exact and the
-    float epilogue runs in a fixed order, so a row's result depends on that row alone:
+    main channels are quantized with scale max |x| / 127 inside the kernel; the int32 sums are
+    exact and the float epilogue runs in a fixed order, so a row's result depends on that row alone:
     batching never changes it. A few `outliers` input channels (chosen at load by calibration,
     fixed afterwards) stay out of the quantization: they are added in float32 with their
     float32 weight columns, so the largest channels do not set the others' resolution."""

@@ -6,7 +6,10 @@ Contract (per row of the logits, i.e. per request sampled this step):
    (1 + the number of tokens with a strictly larger logprob) and the top-`k` alternatives.
 2. Banned tokens (EOS and stop tokens while a request has fewer than `min_tokens` outputs)
    get -inf.
-3. Greedy (temperature < 1e-5): exactly `argmax` of the logits, first index on ties.
+3. Greedy (temperature < 1e-5): exactly `argmax` of the logits, first index on ties. (A
+   step whose every row is greedy without logprobs or banned tokens never reaches this
+   module on float32 CPU: the runner takes the native greedy LM head's argmax, the same rule
+   on logits summed in another order; `ModelRunner.execute_model`.)
 4. Otherwise logits / temperature, then min-p (drop tokens whose probability is below
    `min_p` times the top one's), top-k (keep the k largest, ties with the k-th kept), top-p
    (keep the smallest set of most likely tokens whose mass reaches `top_p`), then one draw:
