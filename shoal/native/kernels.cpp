@@ -366,6 +366,16 @@ inline void axpy(float* out, float p, const float* v, int64_t d) {
   for (; i < d; i++) out[i] += p * v[i];
 }
 
+// acc[c][j] = 0 for the C x 4 accumulators of the GQA attention tiles (fully unrolled, so
+// the array stays in registers).
+template <int C>
+inline void zero_accumulators(__m256 (&acc)[C][4]) {
+#pragma GCC unroll 4
+  for (int c = 0; c < C; c++)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) acc[c][j] = _mm256_setzero_ps();
+}
+
 // Scores of C query heads that share one KV head against 4 keys: each key vector is loaded
 // once for the C heads (GQA: the keys are read once per KV head, not once per query head),
 // 4C independent FMA chains over head_dim (d % 8 == 0), then per head a 3-hadd tree turns its
@@ -374,10 +384,7 @@ template <int C>
 inline void gqa_scores4(const float* const* q, const float* const* keys, int64_t d, float scale,
                         float* const* out) {
   __m256 acc[C][4];
-#pragma GCC unroll 4
-  for (int c = 0; c < C; c++)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; j++) acc[c][j] = _mm256_setzero_ps();
+  zero_accumulators<C>(acc);
   for (int64_t i = 0; i < d; i += 8) {
     const __m256 k0 = _mm256_loadu_ps(keys[0] + i), k1 = _mm256_loadu_ps(keys[1] + i);
     const __m256 k2 = _mm256_loadu_ps(keys[2] + i), k3 = _mm256_loadu_ps(keys[3] + i);
@@ -406,10 +413,7 @@ template <int C>
 inline void gqa_weighted_sum32(const float* const* p, const float* const* values, int64_t L,
                                float* const* out) {
   __m256 acc[C][4];
-#pragma GCC unroll 4
-  for (int c = 0; c < C; c++)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; j++) acc[c][j] = _mm256_setzero_ps();
+  zero_accumulators<C>(acc);
   for (int64_t t = 0; t < L; t++) {
     const __m256 v0 = _mm256_loadu_ps(values[t]), v1 = _mm256_loadu_ps(values[t] + 8);
     const __m256 v2 = _mm256_loadu_ps(values[t] + 16), v3 = _mm256_loadu_ps(values[t] + 24);
