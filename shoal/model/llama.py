@@ -87,6 +87,25 @@ def _native_lm_head_kernels() -> Any:
 _native_lm_head: Any = False  # not looked up yet
 
 
+def _native_elementwise(x: torch.Tensor) -> Any:
+    """The native kernels for RMSNorm and SiLU * up on float32 CPU tensors, else None.
+
+    `decode_layers` always uses them, so the Python layers must too whenever the kernels
+    exist: a token then gets the same bits whether its step ran natively or here (a prefill,
+    a mixed step, native attention turned off), and batch invariance holds across them."""
+    global _native_elementwise_kernels
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if _native_elementwise_kernels is False:
+        from shoal import native
+
+        _native_elementwise_kernels = native.load()
+    return _native_elementwise_kernels
+
+
+_native_elementwise_kernels: Any = False  # not looked up yet
+
+
 def _quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """7-bit rows of `w` ([N, k], k may be 0) in the kernel's packed layout, the scale per
     row (max |row| / 63) and the int32 sum of each quantized row.
@@ -223,6 +242,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
+            kernels = _native_elementwise(x)
+            if kernels is not None:
+                return kernels.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -316,7 +338,11 @@ class DecoderLayer(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv_cache, meta)
         x = x + self.o_proj(attn.view(n, self.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
+        kernels = _native_elementwise(gate_up)
+        if kernels is not None:
+            return x + self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
 

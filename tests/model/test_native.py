@@ -188,6 +188,7 @@ def _tiny_model(tmp_path, quantization, **overrides):
         (None, {"architectures": ["Qwen2ForCausalLM"]}),  # q/k/v bias
         ("int8", {"attention_bias": True}),  # q/k/v and o biases
         (None, {"architectures": ["MistralForCausalLM"], "sliding_window": 6}),
+        (None, {"hidden_size": 40}),  # head_dim 10: the scalar tails of RoPE and attention
     ],
 )
 def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
@@ -227,6 +228,73 @@ def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
     assert calls == []
     for a, b in zip(fused, unfused, strict=True):
         assert torch.equal(a, b)
+
+
+# -- elementwise steps ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [576, 13, 8, 1])
+def test_rms_norm_and_silu_mul_match_torch_and_are_batch_invariant(kernels, width) -> None:
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(37, width, generator=g) * 3
+    w = torch.randn(width, generator=g)
+    torch.testing.assert_close(
+        kernels.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (width,), w, 1e-5),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    gu = torch.randn(37, 2 * width, generator=g) * 8  # gates far into both tails
+    gu[0, :width] = torch.tensor([-200.0, 200.0, 0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0])[
+        torch.arange(width) % 8
+    ]
+    gate, up = gu.chunk(2, dim=-1)
+    got = kernels.silu_mul(gu)
+    assert got.shape == (37, width) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, rtol=2e-6, atol=1e-6)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            norm, act = kernels.rms_norm(x, w, 1e-5), kernels.silu_mul(gu)
+            for r in (0, 17, 36):  # a row alone gets the batch's bits
+                assert torch.equal(kernels.rms_norm(x[r : r + 1], w, 1e-5), norm[r : r + 1])
+                assert torch.equal(kernels.silu_mul(gu[r : r + 1]), act[r : r + 1])
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(RuntimeError, match="weight size"):
+        kernels.rms_norm(x, w[:-1] if width > 1 else torch.ones(2), 1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 10])
+def test_rope_and_cache_is_bit_identical_to_apply_rope_and_write_kv(kernels, head_dim) -> None:
+    """The decode layers' fused RoPE + cache write: the same rotation bits as the Python
+    layers' `apply_rope` (two products and a difference, no FMA) and the same cache rows."""
+    from shoal.model.llama import apply_rope
+
+    heads, kv_heads, n = 6, 2, 40  # > 8 rows: the threaded path of parallel_for too
+    g = torch.Generator().manual_seed(head_dim)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g) * 4
+    angles = torch.rand(n, 1, head_dim // 2, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    cache = torch.zeros(2, 12, 4, kv_heads, head_dim)
+    slots = torch.randperm(48, generator=g)[:n]
+    expected_cache = cache.clone()
+    qk = apply_rope(qkv[:, : (heads + kv_heads) * head_dim].view(n, -1, head_dim), cos, sin)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(n, kv_heads, head_dim)
+    attention.write_kv(expected_cache, qk[:, heads:], v, slots)
+
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rotated, cache[:] = qkv.clone(), 0
+            kernels.rope_and_cache(rotated, cos, sin, cache, slots, heads, kv_heads, head_dim)
+            q = rotated[:, : heads * head_dim].view(n, heads, head_dim)
+            assert torch.equal(q, qk[:, :heads])
+            assert torch.equal(cache, expected_cache)
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.rope_and_cache(qkv.clone(), cos, sin, cache, slots + 60, heads, kv_heads, head_dim)
 
 
 # -- greedy LM head ----------------------------------------------------------------------------
