@@ -142,12 +142,15 @@ def paged_attention(
     v: torch.Tensor,
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
+    kv_written: bool = False,
 ) -> torch.Tensor:
-    """Attention of every query token over its request's keys, after writing this step's K/V.
+    """Attention of every query token over its request's keys, after writing this step's K/V
+    (unless the caller already did: `kv_written`, the native `rope_and_cache`).
 
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
     Returns [num_tokens, num_heads, head_dim]."""
-    write_kv(kv_cache, k, v, meta.slot_mapping)
+    if not kv_written:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
     out = q.new_empty(q.shape)  # contiguous (q is a strided view into the qkv output)
     if meta.num_decodes:
         n = meta.num_decodes

@@ -330,13 +330,25 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        n = x.shape[0]
+        n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
-        # q and k are adjacent columns: rotate both with one set of ops.
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q, k, v, kv_cache, meta)
+        kernels = _native_elementwise(qkv)
+        if kernels is not None and kv_cache.dtype == torch.float32:
+            # RoPE in place and k, v into the cache in one native pass (same bits as below).
+            qkv = qkv.contiguous()
+            kernels.rope_and_cache(
+                qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, d
+            )
+            q = qkv[:, : self.q_size].view(n, self.num_heads, d)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, d)
+            v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
+            attn = paged_attention(q, k, v, kv_cache, meta, kv_written=True)
+        else:
+            # q and k are adjacent columns: rotate both with one set of ops.
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, d), cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
+            attn = paged_attention(q, k, v, kv_cache, meta)
         x = x + self.o_proj(attn.view(n, self.q_size))
         gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
         kernels = _native_elementwise(gate_up)
