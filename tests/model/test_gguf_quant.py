@@ -269,3 +269,12 @@ def test_default_model_in_gguf_mode(kernels) -> None:
         next_id = int(driver.step({"q": 1})["q"][-1].argmax())
         answer.append(next_id)
     assert "Paris" in tokenizer.decode(answer), tokenizer.decode(answer)
+
+
+def test_build_name_tracks_q4_source(tmp_path, monkeypatch) -> None:
+    """q4.cpp is part of the build hash: editing it rebuilds, not loads a stale .so."""
+    before = native.build_name()
+    changed = tmp_path / "q4.cpp"
+    changed.write_bytes(native.EXTRA_SOURCES[0].read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(native, "EXTRA_SOURCES", (changed,))
+    assert native.build_name() != before
