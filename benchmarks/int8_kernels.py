@@ -23,6 +23,11 @@ beside wall time; the table shows the median of interleaved repetitions):
 - onednn_row: the same per-row 7-bit activations quantized by hand (uint8 + zero point 64),
   `onednn::qlinear_pointwise` with input scale 1, float32 output, times each row's scale.
 - int_mm: per-row int8 x int8 -> int32 `torch._int_mm` (M <= 16 only: 20-60x slower than fp32).
+- shoal_q4: shoal's `Q4Linear` (what `--quantization gguf` runs on the default model), the
+  native `q4_linear` kernel: the weight as GGUF Q4_1 blocks (5 bits per weight), activations
+  quantized per row and 32-channel block. Its error column counts the 4-bit weights too.
+
+    python benchmarks/int8_kernels.py --m 1 64 2048 --candidates shoal_int8 shoal_q4
 
 Also prints each candidate's error against float32 and whether row 0 alone is bit-identical
 to row 0 within the batch.
@@ -41,10 +46,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import quantize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from shoal.model.gguf_quant import Q4Linear  # noqa: E402
 from shoal.model.llama import Int8Linear  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 heads / 3 KV heads of 64, intermediate 1536, vocab 49152.
@@ -74,6 +82,8 @@ class Weights:
         self.wq_t = self.wq.t().contiguous()
         outliers = torch.randperm(k, generator=g)[: k // 32]
         self.shoal = Int8Linear(self.w, None, outliers)
+        raw = torch.from_numpy(quantize(self.w.numpy(), GGMLQuantizationType.Q4_1))
+        self.q4 = Q4Linear(raw, GGMLQuantizationType.Q4_1, k, None)
         self.zeros = zeros
 
 
@@ -97,6 +107,10 @@ def shoal_int8(x: torch.Tensor, w: Weights) -> torch.Tensor:
     return w.shoal(x)
 
 
+def shoal_q4(x: torch.Tensor, w: Weights) -> torch.Tensor:
+    return w.q4(x)
+
+
 def onednn_row(x: torch.Tensor, w: Weights) -> torch.Tensor:
     amax = x.abs().amax(-1, keepdim=True).clamp_min_(1e-30)
     qx = (x * (ACT_QMAX / amax)).round_().add_(ACT_ZP).to(torch.uint8)
@@ -117,6 +131,7 @@ CANDIDATES: dict[str, Callable[[torch.Tensor, Weights], torch.Tensor]] = {
     "dynq_tensor": dynq_tensor,
     "fbgemm_row": fbgemm_row,
     "shoal_int8": shoal_int8,
+    "shoal_q4": shoal_q4,
     "onednn_row": onednn_row,
     "int_mm": int_mm,
 }
@@ -185,9 +200,11 @@ def main() -> None:
                 row = {"shape": shape_name, "m": m, "kernel": name, "wall_ms": wall,
                        "cpu_ms": cpu, **check(name, x, layers[0])}  # fmt: skip
                 rows.append(row)
-    base = {(r["shape"], r["m"]): r["cpu_ms"] for r in rows if r["kernel"] == "fp32"}
+    # Speedups against fp32, or the first candidate when fp32 did not run.
+    ref = "fp32" if "fp32" in args.candidates else args.candidates[0]
+    base = {(r["shape"], r["m"]): r["cpu_ms"] for r in rows if r["kernel"] == ref}
     print(f"{'shape':22} {'M':>5} {'kernel':12} {'wall ms':>9} {'cpu ms':>9} "
-          f"{'vs fp32':>8} {'rel err':>8} invariant")  # fmt: skip
+          f"{'vs ' + ref:>8} {'rel err':>8} invariant")  # fmt: skip
     for r in rows:
         speedup = base[(r["shape"], r["m"])] / r["cpu_ms"]
         print(f"{r['shape']:22} {r['m']:5} {r['kernel']:12} {r['wall_ms']:9.3f} "

@@ -5,6 +5,7 @@ decode steps (matmuls, attention, LM head, sampling, input preparation, schedule
     python benchmarks/profile_engine_step.py --tiny --batch 64
     python benchmarks/profile_engine_step.py --quantization int8 --batch 1,16,64
     python benchmarks/profile_engine_step.py --quantization int8 --threads 2 --timing-only
+    python benchmarks/profile_engine_step.py --quantization gguf --batch 1 --timing-only
 
 Runs the offline engine (shoal's `LLM`, the same `EngineCore.step()` the server runs) in this
 process and measures with the thread's CPU clock (`time.thread_time`, also cProfile's timer),
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32, help="decode steps measured")
     p.add_argument("--top", type=int, default=0, help="also print the top-N functions")
-    p.add_argument("--quantization", default=None, choices=["int8"], help="default: none")
+    p.add_argument("--quantization", default=None, choices=["int8", "gguf"], help="default: none")
     p.add_argument(
         "--timing-only", action="store_true", help="prefill and decode timings, no profile"
     )

@@ -12,7 +12,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("cpu", "cuda", "auto")
 # Weight quantizations applied at load (None = weights kept in `dtype`).
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "gguf")
 
 
 def _check(cond: bool, flag: str, msg: str) -> None:
@@ -35,7 +35,9 @@ class ModelConfig:
     # The name clients use in the `model` field; None = derived from the model path.
     served_model_name: str | None = None
     # "int8": every Linear of the layers and the LM head as int8 (per-output-channel weight
-    # scales, per-token activation scales; CPU float32 only). None = unquantized.
+    # scales, per-token activation scales; CPU float32 only). "gguf": a GGUF model's 4-bit
+    # Linear weights kept as its 4-bit blocks (the LM head int8; CPU float32 only).
+    # None = unquantized.
     quantization: str | None = None
 
     def __post_init__(self) -> None:

@@ -72,8 +72,9 @@ def add_model_args(g: ArgGroup) -> None:
         default=config_default(ModelConfig, "quantization"),
         choices=QUANTIZATIONS,
         help="int8 = int8 weights and per-token int8 activations for every linear layer and "
-        "the LM head (CPU, float32 only; faster, less exact: greedy text drifts from "
-        "float32's; default: none)",
+        "the LM head; gguf = a .gguf model's 4-bit linear weights kept 4-bit (Q4_0/Q4_1 "
+        "blocks, per-block int8 activations; the LM head int8). CPU, float32 only; faster, "
+        "less exact: greedy text drifts from float32's (default: none)",
     )
 
 

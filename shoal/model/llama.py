@@ -413,9 +413,10 @@ class LlamaForCausalLM(nn.Module):
 
     def _fused_params(self) -> list[torch.Tensor]:
         """Every layer's parameters in `decode_layers`' slot order (kLayerSlots per layer:
-        the two norm weights, then 7 slots per Linear, in qkv, o, gate_up, down order). Built
-        once; the list holds the tensors themselves, so in-place weight updates show
-        through. Whatever replaces a Linear (`quantize_int8`) sets `_fused_list = None`."""
+        the two norm weights, then 7 slots per Linear, in qkv, o, gate_up, down order; a
+        Linear with a `fused_slots` method lists its own). Built once; the list holds the
+        tensors themselves, so in-place weight updates show through. Whatever replaces a
+        Linear (`quantize_int8`, `quantize_gguf`) sets `_fused_list = None`."""
         if self._fused_list is None:
             none = torch.empty(0)
             params: list[Any] = []
@@ -425,7 +426,9 @@ class LlamaForCausalLM(nn.Module):
                 for name in _LAYER_LINEARS:
                     m = getattr(layer, name)
                     bias = none if m.bias is None else m.bias
-                    if isinstance(m, Int8Linear):
+                    if hasattr(m, "fused_slots"):  # gguf_quant.Q4Linear
+                        params += m.fused_slots(none)
+                    elif isinstance(m, Int8Linear):
                         params += [m.qweight, m.w_scale, m.w_colsum, m.main_idx]
                         params += [m.outlier_idx, m.outlier_w, bias]
                     else:

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
@@ -73,11 +74,18 @@ def load_model(
     `config.quantization`. Shows progress on stderr and logs the duration. `ValueError` on a
     format mismatch, missing weights or an unsupported quantization."""
     start = time.perf_counter()
-    if config.quantization == "int8" and (device.type != "cpu" or dtype != torch.float32):
-        raise ValueError("--quantization: int8 needs --device cpu and --dtype float32")
+    quantization = config.quantization
+    if quantization and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"--quantization: {quantization} needs --device cpu and --dtype float32")
     load_format = config.load_format
     if load_format == "auto":
         load_format = "gguf" if source.is_gguf else "safetensors"
+    if quantization == "gguf" and load_format != "gguf":
+        raise ValueError(
+            "--quantization gguf keeps a GGUF file's 4-bit weights: it needs a .gguf model "
+            f"(--model path/to/model.gguf) loaded as GGUF; {source.path!r} is loaded as "
+            f"{load_format}"
+        )
     if load_format == "gguf" and not source.is_gguf:
         raise ValueError(f"--load-format gguf: {source.path!r} is not a .gguf file")
     if load_format == "safetensors" and source.is_gguf:
@@ -87,17 +95,24 @@ def load_model(
     if load_format == "dummy":
         _fill_dummy(model, config.seed)
     elif load_format == "gguf":
-        _load_named(model, arch, _gguf_weights(source.path, arch, model))
+        # --quantization gguf: each Linear's 4-bit blocks by Hugging Face name, kept beside
+        # the dequantized float32 weights (calibration and fallbacks use those).
+        sink: dict[str, torch.Tensor] | None = {} if quantization == "gguf" else None
+        _load_named(model, arch, _gguf_weights(source.path, arch, model, sink))
     else:
         _load_named(model, arch, _safetensors_weights(source.path))
     num_params = sum(p.numel() for p in model.parameters())
-    if config.quantization == "int8":
+    if quantization == "int8":
         quantize_int8(model)
+    elif quantization == "gguf":
+        from shoal.model.gguf_quant import quantize_gguf
+
+        quantize_gguf(model, _fused_blocks(sink or {}))
     model.eval()
     logger.info(
         "loaded %s (%s weights, %.1fM parameters, %s%s on %s) in %.2f s",
         source.name, load_format, num_params / 1e6, str(dtype).removeprefix("torch."),
-        " + int8 linears" if config.quantization == "int8" else "", device,
+        f" + {quantization} linears" if quantization else "", device,
         time.perf_counter() - start,
     )  # fmt: skip
     return model
@@ -122,11 +137,17 @@ def _safetensors_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _gguf_weights(
-    path: str, arch: ArchConfig, model: LlamaForCausalLM
+    path: str,
+    arch: ArchConfig,
+    model: LlamaForCausalLM,
+    q4_sink: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantised GGUF tensors under Hugging Face names (q/k rows un-permuted)."""
+    """Dequantised GGUF tensors under Hugging Face names (q/k rows un-permuted). With
+    `q4_sink`, also the layer Linears' 4-bit weights as Q4_1 blocks ([rows, K / 32, 20],
+    rows un-permuted the same way) under their Hugging Face names."""
     from shoal.model.gguf_dequant import dequantize
     from shoal.model.gguf_file import GGUFFile
+    from shoal.model.gguf_quant import q4_1_rows
 
     gguf = GGUFFile(path)
     with _progress(len(gguf.tensors), "Loading GGUF") as bar:
@@ -138,11 +159,41 @@ def _gguf_weights(
                 inv_freq = rope_inv_freq(arch) / tensor
                 model.rotary.set_inv_freq(inv_freq.to(model.rotary.cos_table.device))
                 continue
-            if ".attn_q." in name:
-                tensor = _unpermute_rope_rows(tensor, arch.num_heads)
-            elif ".attn_k." in name:
-                tensor = _unpermute_rope_rows(tensor, arch.num_kv_heads)
-            yield _hf_name_of_gguf(name), tensor
+            hf_name = _hf_name_of_gguf(name)
+            blocks = None
+            if q4_sink is not None and _is_layer_linear_weight(hf_name):
+                blocks = q4_1_rows(gguf.raw(name), info.qtype)
+            heads = {".attn_q.": arch.num_heads, ".attn_k.": arch.num_kv_heads}
+            for part, num_heads in heads.items():
+                if part in name:
+                    tensor = _unpermute_rope_rows(tensor, num_heads)
+                    blocks = None if blocks is None else _unpermute_rope_rows(blocks, num_heads)
+            if q4_sink is not None and blocks is not None:
+                q4_sink[hf_name] = blocks
+            yield hf_name, tensor
+
+
+def _is_layer_linear_weight(hf_name: str) -> bool:
+    m = re.fullmatch(r"model\.layers\.\d+\.(.+)\.weight", hf_name)
+    return m is not None and m.group(1) in _FUSED_ROWS
+
+
+def _fused_blocks(sink: dict[str, torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+    """The 4-bit blocks of each fused Linear ((layer index, our Linear's name) -> Q4_1 blocks
+    [rows, K / 32, 20], shards concatenated in row order), for the Linears whose every shard
+    is 4-bit; the others are left out (they take the int8 path)."""
+    shards: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    for hf_name, blocks in sink.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+        assert m is not None  # the sink only holds layer Linear weights
+        linear_name, shard, _ = _FUSED_ROWS[m.group(2)]
+        shards.setdefault((int(m.group(1)), linear_name), {})[shard] = blocks
+    num_shards = Counter(linear_name for linear_name, _, _ in _FUSED_ROWS.values())
+    return {
+        key: torch.cat([parts[i] for i in range(len(parts))])
+        for key, parts in shards.items()
+        if len(parts) == num_shards[key[1]]
+    }
 
 
 def _hf_name_of_gguf(name: str) -> str:

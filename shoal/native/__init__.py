@@ -1,14 +1,15 @@
-"""shoal's native CPU kernels: `kernels.cpp`, compiled for this machine on first use.
+"""shoal's native CPU kernels (`kernels.cpp`, `q4.cpp`), compiled for this machine on first use.
 
 `load()` returns the compiled module, or None when it cannot be had here (no AVX2/FMA, no C++
 compiler, `SHOAL_NATIVE=0`); `unavailable_reason()` then says why. The build (about 40 s on
 2 cores) goes to `SHOAL_NATIVE_CACHE` (default `~/.cache/shoal/native`), under a name that
-hashes the source, the torch version and this CPU's flags, so a changed kernel, torch or
+hashes the sources, the torch version and this CPU's flags, so a changed kernel, torch or
 machine rebuilds and an unchanged one loads in well under a second. `scripts/bootstrap.sh`
 builds it ahead (`python -m shoal.native`), so neither `shoal serve` nor the tests pay for it.
 Processes that build at once wait on torch's lock file in the build directory.
 
-Users: `--quantization int8` (`shoal.model.llama.Int8Linear`) needs it; decode attention
+Users: `--quantization int8` (`shoal.model.llama.Int8Linear`) and `--quantization gguf`
+(`shoal.model.gguf_quant.Q4Linear`) need it; decode attention
 (`shoal.model.attention`) uses it on float32 CPU caches when present and falls back to
 torch ops otherwise. Only engine processes import this module (it imports torch).
 """
@@ -27,8 +28,10 @@ from shoal.logger import init_logger
 
 logger = init_logger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
-_REQUIRED_CPU_FLAGS = ("avx2", "fma")
+SOURCE = Path(__file__).with_name("kernels.cpp")  # holds PYBIND11_MODULE
+# Compiled into the same extension (kernels.cpp registers their functions).
+EXTRA_SOURCES = (Path(__file__).with_name("q4.cpp"),)
+_REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")  # f16c: q4.cpp's float16 block scales
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _reason: str | None = None
@@ -50,11 +53,17 @@ def build_name() -> str:
     """The extension's module name: changes with the source, torch and the CPU's flags."""
     import torch
 
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for source in _sources():
+        h.update(source.read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(sorted(_cpu_flags())).encode())
     h.update(sys.version.encode())
     return f"shoal_native_{h.hexdigest()[:16]}"
+
+
+def _sources() -> list[Path]:
+    return [SOURCE, *EXTRA_SOURCES]
 
 
 def build_dir() -> Path:
@@ -84,7 +93,7 @@ def _build() -> ModuleType:
     start = time.monotonic()
     module = load_extension(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(source) for source in _sources()],
         build_directory=str(directory),
         extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
         extra_ldflags=["-fopenmp"],

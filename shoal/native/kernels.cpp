@@ -18,6 +18,11 @@
 #include <cstring>
 #include <vector>
 
+// q4.cpp: GGUF 4-bit linears (`--quantization gguf`).
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n_out,
+                     const c10::optional<at::Tensor>& bias);
+void register_q4(pybind11::module_& m);
+
 namespace {
 
 // ---------------------------------------------------------------------------------------------
@@ -724,10 +729,16 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
 // (tested); only the Python overhead goes.
 
 constexpr int64_t kLinearSlots = 7;  // int8: qweight, w_scale, w_colsum, main_idx,
-                                     // outlier_idx, outlier_w, bias; float: weight, bias, -
+                                     // outlier_idx, outlier_w, bias; float: weight, bias, -;
+                                     // q4: packed, out_features, bias, -
 constexpr int64_t kLayerSlots = 2 + 4 * kLinearSlots;
 
 at::Tensor apply_linear(const at::Tensor& x, const std::vector<at::Tensor>& p, int64_t i) {
+  if (p[i].scalar_type() == torch::kByte) {  // q4: packed, out_features ([1] int64), bias
+    const c10::optional<at::Tensor> bias =
+        p[i + 2].numel() ? c10::optional<at::Tensor>(p[i + 2]) : c10::nullopt;
+    return q4_linear(x.contiguous(), p[i], *p[i + 1].data_ptr<int64_t>(), bias);
+  }
   if (p[i].scalar_type() == torch::kChar) {
     const c10::optional<at::Tensor> bias =
         p[i + 6].numel() ? c10::optional<at::Tensor>(p[i + 6]) : c10::nullopt;
@@ -944,4 +955,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_lm_head", &pack_lm_head, nogil, "LM head weight [V, K] -> panels for lm_head_argmax");
   m.def("lm_head_argmax", &lm_head_argmax, nogil,
         "greedy tokens: (argmax ids, max logits) of x W^T without writing the logits");
+  register_q4(m);
 }
