@@ -108,9 +108,10 @@ _MODEL_TARGETS: list[Target] = [
 
 TARGETS: list[Target] = [
     *_MODEL_TARGETS,
-    # The same model targets for the int8 server (`--quantization int8`).
+    # The same model targets for the quantized servers (`--quantization int8`, `gguf`).
     *[
-        (f"{label}, int8", "int8-1", conc, getter, op, target, "")
+        (f"{label}, {quant}", f"{quant}-1", conc, getter, op, target, "")
+        for quant in ("int8", "gguf")
         for label, _, conc, getter, op, target, _ in _MODEL_TARGETS
     ],
     (
