@@ -13,6 +13,8 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("cpu", "cuda", "auto")
 # Weight quantizations applied at load (None = weights kept in `dtype`).
 QUANTIZATIONS = ("int8", "gguf")
+# KV cache storage: "auto" = the model's dtype; "float16" halves the bytes attention reads.
+KV_CACHE_DTYPES = ("auto", "float16")
 
 
 def _check(cond: bool, flag: str, msg: str) -> None:
@@ -72,8 +74,16 @@ class CacheConfig:
     # preemption).
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    # "auto" (the model's dtype) or "float16": keys and values rounded to half precision
+    # when written; attention still computes in the model's dtype.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "--kv-cache-dtype",
+            f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}",
+        )
         _check(
             self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
             "--block-size",

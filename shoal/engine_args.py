@@ -15,6 +15,7 @@ import msgspec
 from shoal.config import (
     DEVICES,
     DTYPES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     QUANTIZATIONS,
     CacheConfig,
@@ -109,6 +110,13 @@ def add_engine_args(g: ArgGroup) -> None:
         type=int,
         default=config_default(CacheConfig, "kv_cache_memory_bytes"),
         help="memory given to each engine's KV cache (default: %(default)s)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=config_default(CacheConfig, "kv_cache_dtype"),
+        help="KV cache storage: auto = the model's dtype; float16 halves the memory and the "
+        "bytes decode attention reads, rounding keys and values (default: %(default)s)",
     )
     g.add_argument(
         "--no-enable-prefix-caching",

@@ -154,6 +154,7 @@ def _load_llm(args: argparse.Namespace) -> LLM:
         num_blocks=args.num_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_dtype=args.kv_cache_dtype,
         seed=args.seed if args.seed is not None else _default(ModelConfig, "seed"),
     )
     print(

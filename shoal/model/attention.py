@@ -129,11 +129,12 @@ def _causal_mask(
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store this step's keys and values ([num_tokens, num_kv_heads, head_dim]) at `slots`."""
+    """Store this step's keys and values ([num_tokens, num_kv_heads, head_dim]) at `slots`,
+    rounded to the cache's dtype (`--kv-cache-dtype float16`)."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slots, k)
-    flat[1].index_copy_(0, slots, v)
+    flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
 
 
 def paged_attention(
@@ -161,9 +162,14 @@ def paged_attention(
 
 
 def _native_decode_kernels(q: torch.Tensor, kv_cache: torch.Tensor) -> Any:
-    """The native kernels when they apply to this cache (float32 on CPU), else None."""
+    """The native kernels when they apply (float32 queries on CPU over a float32 or float16
+    cache), else None."""
     global _native
-    if q.device.type != "cpu" or kv_cache.dtype != torch.float32 or q.dtype != torch.float32:
+    if (
+        q.device.type != "cpu"
+        or q.dtype != torch.float32
+        or kv_cache.dtype not in (torch.float32, torch.float16)
+    ):
         return None
     if _native is False:
         from shoal import envs, native
@@ -209,7 +215,7 @@ def _decode_attention(
     # index_select into a reused buffer: several times faster than advanced indexing on CPU.
     kv = torch.index_select(kv_cache, 1, blocks, out=meta.decode_workspace)
     # [2, n * max_blocks, block_size, num_kv_heads, head_dim] -> [n, num_kv_heads, keys, head_dim]
-    kv = kv.view(2, n, -1, num_kv_heads, head_dim).transpose(2, 3)
+    kv = kv.view(2, n, -1, num_kv_heads, head_dim).transpose(2, 3).to(q.dtype)
     o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=_decode_mask(meta))
     return o.reshape(n, num_heads, head_dim)
 
@@ -220,11 +226,15 @@ def _prefill_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     if span.block_table is None:
         keys, values = k[span.start : span.end], v[span.start : span.end]
+        if kv_cache.dtype != k.dtype:
+            # What the cache holds (and what a later chunk or a decode step reads back), so a
+            # prompt attends to the same keys whether or not its prefill is split.
+            keys, values = (t.to(kv_cache.dtype).to(k.dtype) for t in (keys, values))
     else:
         num_keys = span.num_context + span.end - span.start
         # [2, blocks, block_size, num_kv_heads, head_dim] -> [2, num_keys, num_kv_heads, head_dim]
         kv = kv_cache.index_select(1, span.block_table).flatten(1, 2)[:, :num_keys]
-        keys, values = kv[0], kv[1]
+        keys, values = kv[0].to(q.dtype), kv[1].to(q.dtype)
     # [1, heads, tokens, head_dim]; enable_gqa: query head h reads KV head h // group without
     # repeating the keys (1.7x faster than repeat_interleave at 128 tokens on CPU).
     qh = q[span.start : span.end].transpose(0, 1).unsqueeze(0)

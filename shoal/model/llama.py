@@ -333,7 +333,7 @@ class DecoderLayer(nn.Module):
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
         kernels = _native_elementwise(qkv)
-        if kernels is not None and kv_cache.dtype == torch.float32:
+        if kernels is not None and kv_cache.dtype in (torch.float32, torch.float16):
             # RoPE in place and k, v into the cache in one native pass (same bits as below).
             qkv = qkv.contiguous()
             kernels.rope_and_cache(

@@ -348,27 +348,37 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
+// KV cache elements: float32, or float16 stored as uint16 (`--kv-cache-dtype float16`) and
+// widened by F16C on load. Everything after the load is float32 either way.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t d) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= d; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
   }
-  for (; i + 8 <= d; i += 8)
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
   float s = hsum_ps(_mm256_add_ps(acc0, acc1));
-  for (; i < d; i++) s += a[i] * b[i];
+  for (; i < d; i++) s += a[i] * load1(b + i);
   return s;
 }
 
 // out[i] += p * v[i]
-inline void axpy(float* out, float p, const float* v, int64_t d) {
+template <typename T>
+inline void axpy(float* out, float p, const T* v, int64_t d) {
   const __m256 pv = _mm256_set1_ps(p);
   int64_t i = 0;
   for (; i + 8 <= d; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
-  for (; i < d; i++) out[i] += p * v[i];
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(out + i)));
+  for (; i < d; i++) out[i] += p * load1(v + i);
 }
 
 // acc[c][j] = 0 for the C x 4 accumulators of the GQA attention tiles (fully unrolled, so
@@ -385,14 +395,14 @@ inline void zero_accumulators(__m256 (&acc)[C][4]) {
 // once for the C heads (GQA: the keys are read once per KV head, not once per query head),
 // 4C independent FMA chains over head_dim (d % 8 == 0), then per head a 3-hadd tree turns its
 // 4 accumulators into 4 sums. out[c][0..3] = q[c] . keys[0..3] * scale.
-template <int C>
-inline void gqa_scores4(const float* const* q, const float* const* keys, int64_t d, float scale,
+template <int C, typename T>
+inline void gqa_scores4(const float* const* q, const T* const* keys, int64_t d, float scale,
                         float* const* out) {
   __m256 acc[C][4];
   zero_accumulators<C>(acc);
   for (int64_t i = 0; i < d; i += 8) {
-    const __m256 k0 = _mm256_loadu_ps(keys[0] + i), k1 = _mm256_loadu_ps(keys[1] + i);
-    const __m256 k2 = _mm256_loadu_ps(keys[2] + i), k3 = _mm256_loadu_ps(keys[3] + i);
+    const __m256 k0 = load8(keys[0] + i), k1 = load8(keys[1] + i);
+    const __m256 k2 = load8(keys[2] + i), k3 = load8(keys[3] + i);
 #pragma GCC unroll 4
     for (int c = 0; c < C; c++) {
       const __m256 qv = _mm256_loadu_ps(q[c] + i);
@@ -414,14 +424,14 @@ inline void gqa_scores4(const float* const* q, const float* const* keys, int64_t
 // The value pass for C query heads sharing one KV head, one 32-wide slice of head_dim:
 // out[c][0..32) = sum_t p[c][t] values[t][0..32), each value vector loaded once for the C
 // heads and the sums held in registers across every key.
-template <int C>
-inline void gqa_weighted_sum32(const float* const* p, const float* const* values, int64_t L,
+template <int C, typename T>
+inline void gqa_weighted_sum32(const float* const* p, const T* const* values, int64_t L,
                                float* const* out) {
   __m256 acc[C][4];
   zero_accumulators<C>(acc);
   for (int64_t t = 0; t < L; t++) {
-    const __m256 v0 = _mm256_loadu_ps(values[t]), v1 = _mm256_loadu_ps(values[t] + 8);
-    const __m256 v2 = _mm256_loadu_ps(values[t] + 16), v3 = _mm256_loadu_ps(values[t] + 24);
+    const __m256 v0 = load8(values[t]), v1 = load8(values[t] + 8);
+    const __m256 v2 = load8(values[t] + 16), v3 = load8(values[t] + 24);
 #pragma GCC unroll 4
     for (int c = 0; c < C; c++) {
       const __m256 pv = _mm256_set1_ps(p[c][t]);
@@ -437,16 +447,16 @@ inline void gqa_weighted_sum32(const float* const* p, const float* const* values
     for (int j = 0; j < 4; j++) _mm256_storeu_ps(out[c] + 8 * j, acc[c][j]);
 }
 
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& kv_cache,
+template <typename T>
+torch::Tensor paged_decode_attention_impl(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                      const torch::Tensor& block_table,
                                      const torch::Tensor& seq_lens, double scale,
                                      int64_t sliding_window) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.stride(2) == 1,
               "paged_decode_attention: q must be float32 [n, heads, head_dim], last dim dense");
-  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.scalar_type() == torch::kFloat &&
-                  kv_cache.is_contiguous(),
-              "paged_decode_attention: kv_cache must be contiguous float32 [2, blocks, "
-              "block_size, kv_heads, head_dim]");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous(),
+              "paged_decode_attention: kv_cache must be contiguous [2, blocks, block_size, "
+              "kv_heads, head_dim]");
   TORCH_CHECK(block_table.scalar_type() == torch::kLong && block_table.stride(1) == 1,
               "paged_decode_attention: block_table must be int64 with dense rows");
   TORCH_CHECK(seq_lens.scalar_type() == torch::kLong && seq_lens.is_contiguous(),
@@ -457,8 +467,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   const int64_t G = H / KVH;
   auto out = torch::empty({n, H, D}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = kv_cache.data_ptr<float>();
-  const float* vp = kp + num_blocks * BS * KVH * D;
+  const T* kp = reinterpret_cast<const T*>(kv_cache.data_ptr());
+  const T* vp = kp + num_blocks * BS * KVH * D;
   const int64_t* bt = block_table.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -473,7 +483,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<int64_t> rows;
-    std::vector<const float*> values;
+    std::vector<const T*> values;
     for (int64_t r = begin; r < end; r++) {
       const int64_t len = lens[r];
       const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0;
@@ -494,7 +504,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
         for (; t0 + 4 <= L; t0 += 4)
           for (int64_t h0 = 0; h0 < H; h0 += std::min<int64_t>(3, G - h0 % G)) {
             const int64_t c = std::min<int64_t>(3, G - h0 % G);
-            const float* keys[4];
+            const T* keys[4];
             for (int j = 0; j < 4; j++) keys[j] = kp + rows[t0 + j] + (h0 / G) * D;
             const float* qs[3];
             float* outs[3];
@@ -560,6 +570,20 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     }
   });
   return out;
+}
+
+// float32 or float16 caches (`--kv-cache-dtype`); float32 queries and outputs either way.
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                     const torch::Tensor& block_table,
+                                     const torch::Tensor& seq_lens, double scale,
+                                     int64_t sliding_window) {
+  if (kv_cache.scalar_type() == torch::kHalf)
+    return paged_decode_attention_impl<uint16_t>(q, kv_cache, block_table, seq_lens, scale,
+                                                 sliding_window);
+  TORCH_CHECK(kv_cache.scalar_type() == torch::kFloat,
+              "paged_decode_attention: kv_cache must be float32 or float16");
+  return paged_decode_attention_impl<float>(q, kv_cache, block_table, seq_lens, scale,
+                                            sliding_window);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -687,6 +711,15 @@ void rope_row(float* r, const float* c, const float* s, int64_t heads, int64_t D
   }
 }
 
+// float32 -> float16, round to nearest even (what torch's .to(torch.float16) does).
+inline void store_half(uint16_t* out, const float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; i++) out[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 // RoPE on the q and k heads of each row of qkv [n, (H + 2 KVH) D], in place, then this
 // step's k and v rows copied into the paged cache at `slots` (the index_copy_ of write_kv).
 // cos, sin: [n, 1, D / 2] (any row stride).
@@ -705,8 +738,12 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   const int64_t cs = cos.stride(0), ss = sin.stride(0);
-  float* kc = kv.data_ptr<float>();
-  float* vc = kc + total_slots * row;
+  TORCH_CHECK(kv.scalar_type() == torch::kFloat || kv.scalar_type() == torch::kHalf,
+              "rope_and_cache: the cache must be float32 or float16");
+  const bool half = kv.scalar_type() == torch::kHalf;
+  char* kc = static_cast<char*>(kv.data_ptr());
+  const int64_t esize = half ? 2 : 4;
+  char* vc = kc + total_slots * row * esize;
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; i++)
     TORCH_CHECK(sl[i] >= 0 && sl[i] < total_slots, "rope_and_cache: slot out of range");
@@ -714,8 +751,13 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
     for (int64_t i = begin; i < end; i++) {
       float* r = qp + i * W;
       rope_row(r, cp + i * cs, sp + i * ss, H + KVH, D);
-      std::memcpy(kc + sl[i] * row, r + H * D, sizeof(float) * row);
-      std::memcpy(vc + sl[i] * row, r + (H + KVH) * D, sizeof(float) * row);
+      if (half) {
+        store_half(reinterpret_cast<uint16_t*>(kc) + sl[i] * row, r + H * D, row);
+        store_half(reinterpret_cast<uint16_t*>(vc) + sl[i] * row, r + (H + KVH) * D, row);
+      } else {
+        std::memcpy(kc + sl[i] * row * esize, r + H * D, sizeof(float) * row);
+        std::memcpy(vc + sl[i] * row * esize, r + (H + KVH) * D, sizeof(float) * row);
+      }
     }
   });
 }

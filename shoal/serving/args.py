@@ -164,6 +164,7 @@ def config_from_args(args: argparse.Namespace) -> ShoalConfig:
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             num_blocks=args.num_blocks,
             enable_prefix_caching=args.enable_prefix_caching,
+            kv_cache_dtype=args.kv_cache_dtype,
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,

@@ -58,6 +58,7 @@ class ModelRunner:
         self.max_model_len = _max_model_len(config.model.max_model_len, self.arch)
         self.vocab_size = self.arch.vocab_size
         self.block_size = config.cache.block_size
+        self.kv_dtype = torch.float16 if config.cache.kv_cache_dtype == "float16" else self.dtype
         self.model = load_model(
             config.model, source, self.arch, self.max_model_len, self.dtype, self.device
         )
@@ -77,7 +78,7 @@ class ModelRunner:
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes of one block across all layers (keys and values)."""
         a = self.arch
-        per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size
 
     def num_blocks_for_memory(self, memory_bytes: int) -> int:
@@ -90,11 +91,12 @@ class ModelRunner:
         masked keys still meet the values in attention's matmul)."""
         a = self.arch
         shape = (a.num_layers, 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         logger.info(
-            "KV cache: %d blocks of %d tokens, %.1f MiB",
+            "KV cache: %d blocks of %d tokens, %.1f MiB (%s)",
             num_blocks, self.block_size, self.kv_cache.nbytes / 2**20,
+            str(self.kv_dtype).removeprefix("torch."),
         )  # fmt: skip
 
     # -- one step ------------------------------------------------------------------------------

@@ -23,11 +23,16 @@ class PagedRequest:
 
 class PagedDriver:
     def __init__(
-        self, model: LlamaForCausalLM, arch: ArchConfig, num_blocks: int, block_size: int
+        self,
+        model: LlamaForCausalLM,
+        arch: ArchConfig,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model, self.block_size = model, block_size
         shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-        dtype = model.embed_tokens.dtype
+        dtype = kv_dtype or model.embed_tokens.dtype
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_layers)]
         # Shuffled, so a request's blocks are neither contiguous nor ordered.
         self.free_blocks = list(range(num_blocks))

@@ -115,6 +115,19 @@ def test_decode_attention_is_batch_invariant(kernels) -> None:
         torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("head_dim", [HEAD_DIM, 20])
+def test_decode_attention_over_a_float16_cache(kernels, head_dim) -> None:
+    """A float16 cache (`--kv-cache-dtype float16`) gives bit for bit what the float32 kernel
+    gives over the same values widened, and the torch fallback agrees with it."""
+    q, cache, table, lens = _case([1, 17, 40, 130], seed=3, head_dim=head_dim)
+    half, scale = cache.half(), head_dim**-0.5
+    got = kernels.paged_decode_attention(q, half, table, lens, scale, 0)
+    assert torch.equal(got, kernels.paged_decode_attention(q, half.float(), table, lens, scale, 0))
+    torch.testing.assert_close(got, _torch_path(q, half, table, lens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        kernels.paged_decode_attention(q, cache.bfloat16(), table, lens, scale, 0)
+
+
 def test_model_decode_uses_the_kernel_for_float32_cpu_only(kernels) -> None:
     q, cache, table, seq_lens = _case([5, 9])
     assert attention._native_decode_kernels(q, cache) is kernels
@@ -189,16 +202,21 @@ def _tiny_model(tmp_path, quantization, **overrides):
         ("int8", {"attention_bias": True}),  # q/k/v and o biases
         (None, {"architectures": ["MistralForCausalLM"], "sliding_window": 6}),
         (None, {"hidden_size": 40}),  # head_dim 10: the scalar tails of RoPE and attention
+        (None, {"kv_dtype": torch.float16}),
+        ("int8", {"kv_dtype": torch.float16, "hidden_size": 40}),
     ],
 )
 def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
     kernels, tmp_path, monkeypatch, quantization, overrides
 ) -> None:
     """`decode_layers` (every layer of a decode-only step in one native call) gives exactly
-    what `DecoderLayer.forward` gives, for float32 and int8 linears, biases and a window."""
+    what `DecoderLayer.forward` gives, for float32 and int8 linears, biases, a window and a
+    float16 KV cache."""
     from shoal.model.llama import LlamaForCausalLM
     from tests.model.paged import PagedDriver
 
+    overrides = dict(overrides)
+    kv_dtype = overrides.pop("kv_dtype", None)
     model, arch = _tiny_model(tmp_path, quantization, **overrides)
     calls: list[int] = []
 
@@ -213,7 +231,7 @@ def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
     monkeypatch.setattr("shoal.model.attention._native", Spy())
 
     def run() -> list[torch.Tensor]:
-        driver = PagedDriver(model, arch, 32, 4)
+        driver = PagedDriver(model, arch, 32, 4, kv_dtype)
         driver.add("a", list(range(3, 40)))
         driver.add("b", list(range(50, 70)))
         steps = [driver.step({"a": 30, "b": 11})]  # prefill: per-layer path
@@ -291,6 +309,9 @@ def test_rope_and_cache_is_bit_identical_to_apply_rope_and_write_kv(kernels, hea
             q = rotated[:, : heads * head_dim].view(n, heads, head_dim)
             assert torch.equal(q, qk[:, :heads])
             assert torch.equal(cache, expected_cache)
+            half = cache.half().zero_()  # a float16 cache gets the same rows, rounded
+            kernels.rope_and_cache(qkv.clone(), cos, sin, half, slots, heads, kv_heads, head_dim)
+            assert torch.equal(half, expected_cache.half())
     finally:
         torch.set_num_threads(saved)
     with pytest.raises(RuntimeError, match="slot out of range"):
@@ -371,3 +392,22 @@ def test_kernels_release_the_gil(kernels) -> None:
         sys.setswitchinterval(interval)
         thread.join()
     assert ran_at[0] < returned_at
+
+
+def test_float16_cache_prefill_attends_to_rounded_keys(tmp_path) -> None:
+    """With a float16 cache a prompt's own chunk attends to its keys rounded as the cache
+    holds them, so splitting its prefill changes the logits only at float32 rounding level
+    (measured: not at all here), not at float16's (unrounded keys of the own chunk but rounded
+    ones of earlier chunks: 9e-5 of the largest logit here)."""
+    from tests.model.paged import PagedDriver
+
+    model, arch = _tiny_model(tmp_path, None)
+    prompt = list(range(3, 43))
+
+    def last_logits(chunks: list[int]) -> torch.Tensor:
+        driver = PagedDriver(model, arch, 32, 4, torch.float16)
+        driver.add("a", prompt)
+        return [driver.step({"a": c})["a"][-1] for c in chunks][-1]
+
+    whole, split = last_logits([40]), last_logits([25, 15])
+    assert (whole - split).abs().max() <= 1e-5 * whole.abs().max()

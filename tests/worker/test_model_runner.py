@@ -289,3 +289,26 @@ def test_token_rate_tracks_recent_throughput() -> None:
     now[0] += 5.0  # an idle spell, then one small step
     rate.add(1)
     assert rate.value < 50
+
+
+def test_float16_kv_cache(checkpoint) -> None:
+    """`--kv-cache-dtype float16`: half the bytes per block (twice the blocks for the same
+    memory), keys and values stored rounded, generation runs through it."""
+    _, path = checkpoint
+    config = ShoalConfig(
+        model=ModelConfig(model=path),
+        cache=CacheConfig(block_size=BLOCK_SIZE, kv_cache_dtype="float16"),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
+    )
+    runner = ModelRunner(config)
+    runner.initialize_kv_cache(128)
+    assert runner.num_blocks_for_memory(10 * 1024 + 5) == 10  # float32: 2048 bytes per block
+    assert all(c.dtype == torch.float16 for c in runner.kv_caches)
+    driver = RunnerDriver(runner, num_blocks=128, chunk=5)
+    for req_id in "ab":
+        driver.add(req_id, PROMPTS[req_id], temperature=0.0, max_tokens=6)
+    done = driver.run()
+    assert all(len(done[r].outputs) == 6 for r in "ab")
+    assert runner.kv_caches[0].abs().sum() > 0  # written
+    with pytest.raises(ValueError, match="--kv-cache-dtype"):
+        CacheConfig(kv_cache_dtype="fp8")
