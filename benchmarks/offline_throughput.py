@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from shoal import LLM, SamplingParams  # noqa: E402
-from shoal.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS  # noqa: E402
+from shoal.config import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS  # noqa: E402
 from shoal.model_source import resolve_model  # noqa: E402
 
 
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quantization",
         default="none",
         help=f"comma-separated shoal weight quantizations to run in turn: none, "
-        f"{', '.join(QUANTIZATIONS)} (default: %(default)s)",
+        f"{', '.join(QUANTIZATIONS)}; an entry may name a KV cache dtype after a colon, "
+        f"e.g. int8:float16 (default: %(default)s)",
     )
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: --num-prompts")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -75,9 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be at least 1")
     args.quantizations = [q.strip() for q in args.quantization.split(",") if q.strip()]
-    for q in args.quantizations:
+    for entry in args.quantizations:
+        q, _, kv = entry.partition(":")
         if q != "none" and q not in QUANTIZATIONS:
             p.error(f"--quantization: {q!r} is not none or one of {QUANTIZATIONS}")
+        if kv and kv not in KV_CACHE_DTYPES:
+            p.error(f"--quantization: KV cache dtype {kv!r} is not one of {KV_CACHE_DTYPES}")
     return args
 
 
@@ -99,8 +103,9 @@ def random_prompts(llm: LLM, count: int, length: int, seed: int) -> list[list[in
 
 
 def run_shoal(
-    args: argparse.Namespace, quantization: str
+    args: argparse.Namespace, entry: str
 ) -> tuple[dict[str, Any], list[list[int]], list[list[int]]]:
+    quantization, _, kv_cache_dtype = entry.partition(":")
     num_blocks = args.num_blocks or args.num_prompts * (
         -(-(args.input_len + args.output_len) // 16) + 1
     )
@@ -116,6 +121,7 @@ def run_shoal(
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
         quantization=None if quantization == "none" else quantization,
+        kv_cache_dtype=kv_cache_dtype or "auto",
     )
     load_s = time.perf_counter() - start
     prompts = random_prompts(llm, args.num_prompts, args.input_len, args.seed)
@@ -141,6 +147,7 @@ def run_shoal(
     num_out = sum(map(len, outputs))
     result = {
         "quantization": quantization,
+        "kv_cache_dtype": kv_cache_dtype or "auto",
         "load_s": load_s,
         "elapsed_s": elapsed,
         "num_steps": llm.stats.num_steps - steps_before,

@@ -44,7 +44,7 @@ class Workload:
 
 @dataclass
 class ServerSpec:
-    name: str  # "bare-1", "tiny-1", "tiny-2", "default-1", "int8-1", "gguf-1"
+    name: str  # "bare-1", "tiny-1", "tiny-2", "default-1", "int8-1", "gguf-1", "int8-kv16-1"
     kind: str  # "bare" or "shoal"
     model_label: str
     num_api_servers: int
@@ -98,6 +98,14 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
             1,
             [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)],
             ["--quantization", "gguf"],
+        ),
+        ServerSpec(
+            "int8-kv16-1",
+            "shoal",
+            "SmolLM2-135M-Instruct, --quantization int8 --kv-cache-dtype float16",
+            1,
+            [wl(16, 64, 16), wl(64, 192, 64)],
+            ["--quantization", "int8", "--kv-cache-dtype", "float16"],
         ),
     ]
     if args.concurrency:
