@@ -9,8 +9,6 @@ float) take the int8 path (`Int8Linear` on their dequantized weight), and so doe
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType
@@ -22,6 +20,7 @@ from shoal.model.llama import (
     Linear,
     LlamaForCausalLM,
     _calibrate,
+    _native_kernels,
     _outliers,
 )
 
@@ -31,18 +30,6 @@ Q4_1_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles
 RECORD_BYTES = 160  # one packed (8-channel panel, block) record, see pack_q4
 # Block types a Q4Linear takes (others fall back to Int8Linear).
 Q4_TYPES = (Q.Q4_0, Q.Q4_1)
-
-
-def _kernels() -> Any:
-    from shoal import native
-
-    kernels = native.load()
-    if kernels is None:
-        raise ValueError(
-            "--quantization gguf needs shoal's native CPU kernels, unavailable here: "
-            f"{native.unavailable_reason()}"
-        )
-    return kernels
 
 
 def as_q4_1_blocks(raw: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
@@ -106,7 +93,7 @@ class Q4Linear(nn.Module):
         bias: torch.Tensor | None,
     ) -> None:
         super().__init__()
-        self._kernels = _kernels()
+        self._kernels = _native_kernels("gguf")
         if in_features % BLOCK:
             raise ValueError(f"Q4Linear: in_features {in_features} is not a multiple of 32")
         blocks = as_q4_1_blocks(raw, qtype)

@@ -62,14 +62,15 @@ _CALIBRATION_TOKENS, _CALIBRATION_SEED = 128, 0
 _LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def _native_kernels() -> Any:
+def _native_kernels(quantization: str = "int8") -> Any:
+    """The native kernels a quantized Linear needs; ValueError naming the flag if missing."""
     from shoal import native
 
     kernels = native.load()
     if kernels is None:
         raise ValueError(
-            "--quantization int8 needs shoal's native CPU kernels, unavailable here: "
-            f"{native.unavailable_reason()}"
+            f"--quantization {quantization} needs shoal's native CPU kernels, unavailable "
+            f"here: {native.unavailable_reason()}"
         )
     return kernels
 

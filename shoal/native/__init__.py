@@ -31,6 +31,8 @@ logger = init_logger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")  # holds PYBIND11_MODULE
 # Compiled into the same extension (kernels.cpp registers their functions).
 EXTRA_SOURCES = (Path(__file__).with_name("q4.cpp"),)
+# Included by the sources: part of the build hash, not compiled on their own.
+HEADERS = (Path(__file__).with_name("shared.h"),)
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")  # f16c: q4.cpp's float16 block scales
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -54,7 +56,7 @@ def build_name() -> str:
     import torch
 
     h = hashlib.sha256()
-    for source in _sources():
+    for source in (*_sources(), *HEADERS):
         h.update(source.read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(sorted(_cpu_flags())).encode())

@@ -12,6 +12,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "shared.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -83,11 +85,7 @@ struct Int8Problem {
   int64_t N;
 };
 
-// Lanes of output channels n .. n + 7 that exist (the last panel may be partial).
-inline __m256i lane_mask(int64_t n, int64_t N) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n, 8))),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+using shoal_native::lane_mask;
 
 inline __m256 load_cols(const float* p, int64_t n, int64_t N) {
   return n + 8 <= N ? _mm256_loadu_ps(p + n) : _mm256_maskload_ps(p + n, lane_mask(n, N));
@@ -290,27 +288,13 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                       bias.has_value() ? bias->data_ptr<float>() : nullptr,
                       y.data_ptr<float>(), N};
 
-  // Work items are (row block, column block) tiles, row block outer: a thread's items share
-  // their rows (kept in cache) while it walks over the column blocks' weights. Blocks of 1-2
-  // rows take 4 panels per tile (3 x 4 and 4 x 4 would not fit the 16 registers).
-  constexpr int64_t MB = 40;
-  const int64_t NB = M <= MB ? 64 : 128;
-  const int64_t n_blocks = (N + NB - 1) / NB, m_blocks = (M + MB - 1) / MB;
-  // With few row blocks (a decode batch: M = 64 is 40 + 24 rows) the items go column block
-  // outer instead: threads then split the columns, not the (unequal) row blocks, and a
-  // column block's weights are read from memory once for all its row blocks.
-  const bool columns_outer = m_blocks <= 4;
-  at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t item = b0; item < b1; item++) {
-      const int64_t mi = columns_outer ? item % m_blocks : item / n_blocks;
-      const int64_t ni = columns_outer ? item / m_blocks : item % n_blocks;
-      const int64_t mb = mi * MB, me = std::min(M, mb + MB);
-      const int64_t nb = ni * NB, ne = std::min(N, nb + NB);
-      if (me - mb > 2)
-        int8_block<2>(p, mb, me, nb, ne);
-      else
-        int8_block<4>(p, mb, me, nb, ne);
-    }
+  // Blocks of 1-2 rows take 4 panels per tile (3 x 4 and 4 x 4 would not fit the 16
+  // registers). Work items: shared.h.
+  shoal_native::for_each_work_item(M, N, [&](int64_t mb, int64_t me, int64_t nb, int64_t ne) {
+    if (me - mb > 2)
+      int8_block<2>(p, mb, me, nb, ne);
+    else
+      int8_block<4>(p, mb, me, nb, ne);
   });
   return y;
 }

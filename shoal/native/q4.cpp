@@ -35,6 +35,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "shared.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -56,10 +58,7 @@ struct Q4Problem {
   int64_t N;
 };
 
-inline __m256i lane_mask8(int64_t n, int64_t N) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(N - n, 8))),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+using shoal_native::lane_mask;
 
 inline __m256i broadcast4(const int8_t* p) {
   int32_t v;
@@ -119,14 +118,14 @@ inline void q4_tile(const Q4Problem& p, int64_t m0, int64_t n0) {
     const bool full = n + 8 <= N;
     __m256 bias = _mm256_setzero_ps();
     if (p.bias)
-      bias = full ? _mm256_loadu_ps(p.bias + n) : _mm256_maskload_ps(p.bias + n, lane_mask8(n, N));
+      bias = full ? _mm256_loadu_ps(p.bias + n) : _mm256_maskload_ps(p.bias + n, lane_mask(n, N));
     for (int i = 0; i < MT; i++) {
       const __m256 v = p.bias ? _mm256_add_ps(acc[i][j], bias) : acc[i][j];
       float* yr = p.y + (m0 + i) * N + n;
       if (full)
         _mm256_storeu_ps(yr, v);
       else
-        _mm256_maskstore_ps(yr, lane_mask8(n, N), v);
+        _mm256_maskstore_ps(yr, lane_mask(n, N), v);
     }
   }
 }
@@ -222,24 +221,12 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n_out,
   });
   const Q4Problem p{ap, dxp, sp, K, KB, w.data_ptr<uint8_t>(),
                     bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), N};
-  // Work items as in int8_linear: (row block, column block), column block outer when there
-  // are few row blocks (decode batches), so two threads split the columns and each column
-  // block's weights are read from memory once.
-  constexpr int64_t MB = 40;
-  const int64_t NB = M <= MB ? 64 : 128;
-  const int64_t n_blocks = (N + NB - 1) / NB, m_blocks = (M + MB - 1) / MB;
-  const bool columns_outer = m_blocks <= 4;
-  at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t item = b0; item < b1; item++) {
-      const int64_t mi = columns_outer ? item % m_blocks : item / n_blocks;
-      const int64_t ni = columns_outer ? item / m_blocks : item % n_blocks;
-      const int64_t mb = mi * MB, me = std::min(M, mb + MB);
-      const int64_t nb = ni * NB, ne = std::min(N, nb + NB);
-      if (me - mb > 2)
-        q4_block<4, 1>(p, mb, me, nb, ne);
-      else
-        q4_block<1, 4>(p, mb, me, nb, ne);
-    }
+  // Work items as in int8_linear (shared.h).
+  shoal_native::for_each_work_item(M, N, [&](int64_t mb, int64_t me, int64_t nb, int64_t ne) {
+    if (me - mb > 2)
+      q4_block<4, 1>(p, mb, me, nb, ne);
+    else
+      q4_block<1, 4>(p, mb, me, nb, ne);
   });
   return y;
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,3 +81,68 @@ class PagedDriver:
             self.requests[name].num_computed += n
             start += n
         return out
+
+
+def assert_fused_decode_matches_python(
+    model: LlamaForCausalLM,
+    arch: ArchConfig,
+    kernels: Any,
+    monkeypatch: Any,
+    kv_dtype: torch.dtype | None = None,
+) -> None:
+    """Run a prefill and five decode steps of two requests twice: with the native
+    `decode_layers` (checked to be called for exactly the decode steps) and with the Python
+    layers; every logit must be bit-identical."""
+    calls: list[int] = []
+
+    class Spy:  # the kernels, counting fused calls
+        def __getattr__(self, name: str) -> Any:
+            return getattr(kernels, name)
+
+        def decode_layers(self, *args: Any) -> Any:
+            calls.append(args[0].shape[0])
+            return kernels.decode_layers(*args)
+
+    monkeypatch.setattr("shoal.model.attention._native", Spy())
+
+    def run() -> list[torch.Tensor]:
+        driver = PagedDriver(model, arch, 32, 4, kv_dtype)
+        driver.add("a", list(range(3, 40)))
+        driver.add("b", list(range(50, 70)))
+        steps = [driver.step({"a": 30, "b": 11})]  # prefill: per-layer path
+        steps += [driver.step({"a": 1, "b": 1}) for _ in range(5)]  # decode steps
+        return [t for step in steps for t in step.values()]
+
+    fused = run()
+    assert calls == [2] * 5  # the decode steps took the fused path, the prefill did not
+    calls.clear()
+    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode_kernels", lambda *a: None)
+    unfused = run()
+    assert calls == []
+    for a, b in zip(fused, unfused, strict=True):
+        assert torch.equal(a, b)
+
+
+def tiny_model(
+    tmp_path: Any, quantization: str | None, **overrides: Any
+) -> tuple[LlamaForCausalLM, ArchConfig]:
+    """A 3-layer random-weight Llama (hidden 64, 4 heads over 2 KV heads, vocabulary 256),
+    loaded as shoal loads any model; `overrides` change its config.json."""
+    import json
+
+    from shoal.config import ModelConfig
+    from shoal.model.arch import arch_from_source
+    from shoal.model.loader import load_model
+    from shoal.model_source import resolve_model
+
+    config = {
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, **overrides,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    source = resolve_model(str(tmp_path))
+    arch = arch_from_source(source)
+    model_config = ModelConfig(model=str(tmp_path), load_format="dummy", quantization=quantization)
+    model = load_model(model_config, source, arch, 256, torch.float32, torch.device("cpu"))
+    return model, arch

@@ -20,15 +20,8 @@ from shoal.model.arch import arch_from_source
 from shoal.model.gguf_quant import Q4Linear
 from shoal.model.loader import load_model
 from shoal.model_source import resolve_model
-from tests.model.paged import PagedDriver
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    module = native.load()
-    if module is None:
-        pytest.fail(f"native kernels unavailable: {native.unavailable_reason()}")
-    return module
+from tests.model.paged import PagedDriver, assert_fused_decode_matches_python, tiny_model
+from tests.model.test_int8 import TEXTS
 
 
 def _blocks(n: int, k: int, qtype: Q, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,20 +113,6 @@ def test_q4_linear_rejects_what_it_cannot_compute(kernels) -> None:
         kernels.q4_linear(torch.zeros(2, 40), linear.packed, 16, None)
 
 
-def _tiny_model(tmp_path, **overrides):
-    config = {
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
-        "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256, **overrides,
-    }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    source = resolve_model(str(tmp_path))
-    arch = arch_from_source(source)
-    model_config = ModelConfig(model=str(tmp_path), load_format="dummy")
-    model = load_model(model_config, source, arch, 256, torch.float32, torch.device("cpu"))
-    return model, arch
-
-
 def _to_q4(model) -> None:
     """Every layer Linear of `model` as a Q4Linear of its weight quantized to Q4_1."""
     for layer in model.layers:
@@ -149,36 +128,9 @@ def test_fused_decode_layers_run_q4_linears_bit_identically(
     kernels, tmp_path, monkeypatch, overrides
 ) -> None:
     """`decode_layers` with Q4Linear slots gives exactly what the Python layers give."""
-    from shoal.model.llama import LlamaForCausalLM
-
-    model, arch = _tiny_model(tmp_path, **overrides)
+    model, arch = tiny_model(tmp_path, None, **overrides)
     _to_q4(model)
-    calls: list[int] = []
-
-    class Spy:  # the kernels, counting fused calls
-        def __getattr__(self, name):
-            return getattr(kernels, name)
-
-        def decode_layers(self, *args):
-            calls.append(args[0].shape[0])
-            return kernels.decode_layers(*args)
-
-    monkeypatch.setattr("shoal.model.attention._native", Spy())
-
-    def run() -> list[torch.Tensor]:
-        driver = PagedDriver(model, arch, 32, 4)
-        driver.add("a", list(range(3, 40)))
-        driver.add("b", list(range(50, 70)))
-        steps = [driver.step({"a": 30, "b": 11})]
-        steps += [driver.step({"a": 1, "b": 1}) for _ in range(5)]
-        return [t for step in steps for t in step.values()]
-
-    fused = run()
-    assert calls == [2] * 5
-    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode_kernels", lambda *a: None)
-    unfused = run()
-    for a, b in zip(fused, unfused, strict=True):
-        assert torch.equal(a, b)
+    assert_fused_decode_matches_python(model, arch, kernels, monkeypatch)
 
 
 def test_gguf_flag_validation(tmp_path) -> None:
@@ -197,22 +149,6 @@ def test_gguf_flag_validation(tmp_path) -> None:
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     assert parser.parse_args(["--quantization", "gguf"]).quantization == "gguf"
-
-
-TEXTS = [
-    "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum and "
-    "its cafes. Many tourists visit every year to see",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
-    "fibonacci(n - 2)\n\nprint(fibonacci(10))\n",
-    "Once upon a time, there was a little girl who lived in a village near the forest. "
-    "Whenever she went out, she wore a red riding cloak, so everyone called her",
-    "The theory of relativity states that the laws of physics are the same for all observers. "
-    "Albert Einstein published the special theory in 1905 and the general theory",
-    "Water boils at 100 degrees Celsius at sea level. At higher altitudes, the boiling point "
-    "is lower because the air pressure is",
-    "import numpy as np\nimport matplotlib.pyplot as plt\n\nx = np.linspace(0, 10, 100)\n"
-    "y = np.sin(x)\nplt.plot(x, y)\n",
-]
 
 
 @pytest.mark.slow
@@ -271,10 +207,13 @@ def test_default_model_in_gguf_mode(kernels) -> None:
     assert "Paris" in tokenizer.decode(answer), tokenizer.decode(answer)
 
 
-def test_build_name_tracks_q4_source(tmp_path, monkeypatch) -> None:
-    """q4.cpp is part of the build hash: editing it rebuilds, not loads a stale .so."""
+@pytest.mark.parametrize("name", ["EXTRA_SOURCES", "HEADERS"])
+def test_build_name_tracks_q4_source_and_headers(tmp_path, monkeypatch, name) -> None:
+    """q4.cpp and the shared header are part of the build hash: editing either rebuilds,
+    not loads a stale .so."""
     before = native.build_name()
-    changed = tmp_path / "q4.cpp"
-    changed.write_bytes(native.EXTRA_SOURCES[0].read_bytes() + b"\n// changed\n")
-    monkeypatch.setattr(native, "EXTRA_SOURCES", (changed,))
+    original = getattr(native, name)[0]
+    changed = tmp_path / original.name
+    changed.write_bytes(original.read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(native, name, (changed,))
     assert native.build_name() != before

@@ -15,14 +15,6 @@ from shoal.model import attention
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, HEADS = 48, 16, 3, 64, 9
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = native.load()
-    if module is None:
-        pytest.fail(f"native kernels unavailable: {native.unavailable_reason()}")
-    return module
-
-
 def _case(lens: list[int], seed: int = 0, head_dim: int = HEAD_DIM, heads=HEADS, kv_heads=KV_HEADS):
     g = torch.Generator().manual_seed(seed)
     cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, generator=g)
@@ -172,27 +164,6 @@ def test_build_name_tracks_the_source(tmp_path, monkeypatch) -> None:
     assert native.build_dir() == tmp_path / "cache" / native.build_name()
 
 
-def _tiny_model(tmp_path, quantization, **overrides):
-    import json
-
-    from shoal.config import ModelConfig
-    from shoal.model.arch import arch_from_source
-    from shoal.model.loader import load_model
-    from shoal.model_source import resolve_model
-
-    config = {
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
-        "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256, **overrides,
-    }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    source = resolve_model(str(tmp_path))
-    arch = arch_from_source(source)
-    model_config = ModelConfig(model=str(tmp_path), load_format="dummy", quantization=quantization)
-    model = load_model(model_config, source, arch, 256, torch.float32, torch.device("cpu"))
-    return model, arch
-
-
 @pytest.mark.parametrize(
     "quantization, overrides",
     [
@@ -212,40 +183,12 @@ def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
     """`decode_layers` (every layer of a decode-only step in one native call) gives exactly
     what `DecoderLayer.forward` gives, for float32 and int8 linears, biases, a window and a
     float16 KV cache."""
-    from shoal.model.llama import LlamaForCausalLM
-    from tests.model.paged import PagedDriver
+    from tests.model.paged import assert_fused_decode_matches_python, tiny_model
 
     overrides = dict(overrides)
     kv_dtype = overrides.pop("kv_dtype", None)
-    model, arch = _tiny_model(tmp_path, quantization, **overrides)
-    calls: list[int] = []
-
-    class Spy:  # the kernels, counting fused calls
-        def __getattr__(self, name):
-            return getattr(kernels, name)
-
-        def decode_layers(self, *args):
-            calls.append(args[0].shape[0])
-            return kernels.decode_layers(*args)
-
-    monkeypatch.setattr("shoal.model.attention._native", Spy())
-
-    def run() -> list[torch.Tensor]:
-        driver = PagedDriver(model, arch, 32, 4, kv_dtype)
-        driver.add("a", list(range(3, 40)))
-        driver.add("b", list(range(50, 70)))
-        steps = [driver.step({"a": 30, "b": 11})]  # prefill: per-layer path
-        steps += [driver.step({"a": 1, "b": 1}) for _ in range(5)]  # decode steps
-        return [t for step in steps for t in step.values()]
-
-    fused = run()
-    assert calls == [2] * 5  # the decode steps took the fused path, the prefill did not
-    calls.clear()
-    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode_kernels", lambda *a: None)
-    unfused = run()
-    assert calls == []
-    for a, b in zip(fused, unfused, strict=True):
-        assert torch.equal(a, b)
+    model, arch = tiny_model(tmp_path, quantization, **overrides)
+    assert_fused_decode_matches_python(model, arch, kernels, monkeypatch, kv_dtype)
 
 
 # -- elementwise steps ---------------------------------------------------------------------------
@@ -399,9 +342,9 @@ def test_float16_cache_prefill_attends_to_rounded_keys(tmp_path) -> None:
     holds them, so splitting its prefill changes the logits only at float32 rounding level
     (measured: not at all here), not at float16's (unrounded keys of the own chunk but rounded
     ones of earlier chunks: 9e-5 of the largest logit here)."""
-    from tests.model.paged import PagedDriver
+    from tests.model.paged import PagedDriver, tiny_model
 
-    model, arch = _tiny_model(tmp_path, None)
+    model, arch = tiny_model(tmp_path, None)
     prompt = list(range(3, 43))
 
     def last_logits(chunks: list[int]) -> torch.Tensor:
