@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal import native
 from shoal.model.arch import ArchConfig
 from shoal.model.attention import AttentionMetadata, _native_decode_kernels, paged_attention
 
@@ -64,8 +65,6 @@ _LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 def _native_kernels(quantization: str = "int8") -> Any:
     """The native kernels a quantized Linear needs; ValueError naming the flag if missing."""
-    from shoal import native
-
     kernels = native.load()
     if kernels is None:
         raise ValueError(
@@ -79,7 +78,7 @@ def _native_lm_head_kernels() -> Any:
     """The native kernels for the greedy LM head, or None (unavailable, or turned off)."""
     global _native_lm_head
     if _native_lm_head is False:
-        from shoal import envs, native
+        from shoal import envs
 
         _native_lm_head = native.load() if envs.refresh().native_lm_head else None
     return _native_lm_head
@@ -94,17 +93,9 @@ def _native_elementwise(x: torch.Tensor) -> Any:
     `decode_layers` always uses them, so the Python layers must too whenever the kernels
     exist: a token then gets the same bits whether its step ran natively or here (a prefill,
     a mixed step, native attention turned off), and batch invariance holds across them."""
-    global _native_elementwise_kernels
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
-    if _native_elementwise_kernels is False:
-        from shoal import native
-
-        _native_elementwise_kernels = native.load()
-    return _native_elementwise_kernels
-
-
-_native_elementwise_kernels: Any = False  # not looked up yet
+    return native.load()  # tried once per process, then cached
 
 
 def _quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -334,7 +325,7 @@ class DecoderLayer(nn.Module):
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
         kernels = _native_elementwise(qkv)
-        if kernels is not None and kv_cache.dtype in (torch.float32, torch.float16):
+        if kernels is not None:  # float32 on CPU: the cache is float32 or float16
             # RoPE in place and k, v into the cache in one native pass (same bits as below).
             qkv = qkv.contiguous()
             kernels.rope_and_cache(
