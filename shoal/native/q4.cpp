@@ -66,6 +66,54 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// One block's integer sums for 4 rows x 2 panels, in assembly: GCC's schedule of the
+// intrinsic tile kept most products on the stack (a store and a reload per vpmaddubsw). The
+// eight int16 sums and the nibble mask are operands (registers); ymm10-15 hold the unpacked
+// weights of both panels, the broadcast activation bytes and a product. `a` is the block's
+// first row (row stride K bytes), w0 / w1 the two panels' 128 bytes of nibbles.
+inline void q4_block_sums_4x2(const int8_t* a, int64_t K, const uint8_t* w0, const uint8_t* w1,
+                              __m256i low4, __m256i (&isum)[4][2]) {
+  __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00,
+          s30 = s00, s31 = s00;
+  const int64_t K3 = 3 * K;
+  // Row products of one group: the low nibbles (ymm10 / ymm12) against the 4 activation bytes
+  // at OFF, the high ones (ymm11 / ymm13) against those at OFF + 4.
+#define SHOAL_Q4_ROW(LO, HI, S0, S1)                  \
+  "vpbroadcastd " LO ", %%ymm14\n\t"                  \
+  "vpmaddubsw %%ymm14, %%ymm10, %%ymm15\n\t"          \
+  "vpaddw %%ymm15, %[" S0 "], %[" S0 "]\n\t"          \
+  "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t"          \
+  "vpaddw %%ymm15, %[" S1 "], %[" S1 "]\n\t"          \
+  "vpbroadcastd " HI ", %%ymm14\n\t"                  \
+  "vpmaddubsw %%ymm14, %%ymm11, %%ymm15\n\t"          \
+  "vpaddw %%ymm15, %[" S0 "], %[" S0 "]\n\t"          \
+  "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t"          \
+  "vpaddw %%ymm15, %[" S1 "], %[" S1 "]\n\t"
+#define SHOAL_Q4_GROUP(WOFF, LO, HI)                                      \
+  "vmovdqu " WOFF "(%[w0]), %%ymm11\n\t"                                  \
+  "vpand %[low4], %%ymm11, %%ymm10\n\t"                                   \
+  "vpsrlw $4, %%ymm11, %%ymm11\n\t"                                       \
+  "vpand %[low4], %%ymm11, %%ymm11\n\t"                                   \
+  "vmovdqu " WOFF "(%[w1]), %%ymm13\n\t"                                  \
+  "vpand %[low4], %%ymm13, %%ymm12\n\t"                                   \
+  "vpsrlw $4, %%ymm13, %%ymm13\n\t"                                       \
+  "vpand %[low4], %%ymm13, %%ymm13\n\t"                                   \
+  SHOAL_Q4_ROW(LO "(%[a])", HI "(%[a])", "s00", "s01")                    \
+  SHOAL_Q4_ROW(LO "(%[a], %[k])", HI "(%[a], %[k])", "s10", "s11")        \
+  SHOAL_Q4_ROW(LO "(%[a], %[k], 2)", HI "(%[a], %[k], 2)", "s20", "s21")  \
+  SHOAL_Q4_ROW(LO "(%[a], %[k3])", HI "(%[a], %[k3])", "s30", "s31")
+  asm("" SHOAL_Q4_GROUP("0", "0", "4") SHOAL_Q4_GROUP("32", "8", "12")
+          SHOAL_Q4_GROUP("64", "16", "20") SHOAL_Q4_GROUP("96", "24", "28")
+      : [s00] "+x"(s00), [s01] "+x"(s01), [s10] "+x"(s10), [s11] "+x"(s11), [s20] "+x"(s20),
+        [s21] "+x"(s21), [s30] "+x"(s30), [s31] "+x"(s31)
+      : [a] "r"(a), [k] "r"(K), [k3] "r"(K3), [w0] "r"(w0), [w1] "r"(w1), [low4] "x"(low4)
+      : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+#undef SHOAL_Q4_GROUP
+#undef SHOAL_Q4_ROW
+  isum[0][0] = s00; isum[0][1] = s01; isum[1][0] = s10; isum[1][1] = s11;
+  isum[2][0] = s20; isum[2][1] = s21; isum[3][0] = s30; isum[3][1] = s31;
+}
+
 // y[m0 .. m0 + MT, n0 .. n0 + 8 NV): MT rows against NV panels (n0 % 8 == 0, every panel
 // starting below N).
 template <int MT, int NV>
@@ -82,6 +130,10 @@ inline void q4_tile(const Q4Problem& p, int64_t m0, int64_t n0) {
     for (int i = 0; i < MT; i++)
       for (int j = 0; j < NV; j++) isum[i][j] = _mm256_setzero_si256();
     const int8_t* ab = p.a + m0 * K + b * kBlock;
+    if constexpr (MT == 4 && NV == 2) {
+      q4_block_sums_4x2(ab, K, w + b * kRecord + kScaleBytes, w + (KB + b) * kRecord + kScaleBytes,
+                        low4, isum);
+    } else
     for (int g = 0; g < 4; g++) {
       __m256i lo[NV], hi[NV];
       for (int j = 0; j < NV; j++) {
@@ -224,7 +276,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n_out,
   // Work items as in int8_linear (shared.h).
   shoal_native::for_each_work_item(M, N, [&](int64_t mb, int64_t me, int64_t nb, int64_t ne) {
     if (me - mb > 2)
-      q4_block<4, 1>(p, mb, me, nb, ne);
+      q4_block<4, 2>(p, mb, me, nb, ne);
     else
       q4_block<1, 4>(p, mb, me, nb, ne);
   });
