@@ -114,6 +114,38 @@ inline void q4_block_sums_4x2(const int8_t* a, int64_t K, const uint8_t* w0, con
   isum[2][0] = s20; isum[2][1] = s21; isum[3][0] = s30; isum[3][1] = s31;
 }
 
+// The same for 1 row x 4 panels (decode of one or two requests), panels `stride` bytes
+// apart.
+inline void q4_block_sums_1x4(const int8_t* a, const uint8_t* w0, int64_t stride, __m256i low4,
+                              __m256i (&isum)[1][4]) {
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+  const int64_t stride3 = 3 * stride;
+#define SHOAL_Q4_PANEL(W, S)                          \
+  "vmovdqu " W ", %%ymm13\n\t"                        \
+  "vpand %[low4], %%ymm13, %%ymm12\n\t"               \
+  "vpsrlw $4, %%ymm13, %%ymm13\n\t"                   \
+  "vpand %[low4], %%ymm13, %%ymm13\n\t"               \
+  "vpmaddubsw %%ymm10, %%ymm12, %%ymm14\n\t"          \
+  "vpaddw %%ymm14, %[" S "], %[" S "]\n\t"            \
+  "vpmaddubsw %%ymm11, %%ymm13, %%ymm15\n\t"          \
+  "vpaddw %%ymm15, %[" S "], %[" S "]\n\t"
+#define SHOAL_Q4_GROUP1(WOFF, LO, HI)                          \
+  "vpbroadcastd " LO "(%[a]), %%ymm10\n\t"                     \
+  "vpbroadcastd " HI "(%[a]), %%ymm11\n\t"                     \
+  SHOAL_Q4_PANEL(WOFF "(%[w])", "s0")                          \
+  SHOAL_Q4_PANEL(WOFF "(%[w], %[st])", "s1")                   \
+  SHOAL_Q4_PANEL(WOFF "(%[w], %[st], 2)", "s2")                \
+  SHOAL_Q4_PANEL(WOFF "(%[w], %[st3])", "s3")
+  asm("" SHOAL_Q4_GROUP1("0", "0", "4") SHOAL_Q4_GROUP1("32", "8", "12")
+          SHOAL_Q4_GROUP1("64", "16", "20") SHOAL_Q4_GROUP1("96", "24", "28")
+      : [s0] "+x"(s0), [s1] "+x"(s1), [s2] "+x"(s2), [s3] "+x"(s3)
+      : [a] "r"(a), [w] "r"(w0), [st] "r"(stride), [st3] "r"(stride3), [low4] "x"(low4)
+      : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+#undef SHOAL_Q4_GROUP1
+#undef SHOAL_Q4_PANEL
+  isum[0][0] = s0; isum[0][1] = s1; isum[0][2] = s2; isum[0][3] = s3;
+}
+
 // y[m0 .. m0 + MT, n0 .. n0 + 8 NV): MT rows against NV panels (n0 % 8 == 0, every panel
 // starting below N).
 template <int MT, int NV>
@@ -133,6 +165,8 @@ inline void q4_tile(const Q4Problem& p, int64_t m0, int64_t n0) {
     if constexpr (MT == 4 && NV == 2) {
       q4_block_sums_4x2(ab, K, w + b * kRecord + kScaleBytes, w + (KB + b) * kRecord + kScaleBytes,
                         low4, isum);
+    } else if constexpr (MT == 1 && NV == 4) {
+      q4_block_sums_1x4(ab, w + b * kRecord + kScaleBytes, KB * kRecord, low4, isum);
     } else
     for (int g = 0; g < 4; g++) {
       __m256i lo[NV], hi[NV];
