@@ -59,8 +59,8 @@ namespace {
 // broadcast; 3 and 4 rows keep 2 panels. The 5 x 2 main loop is inline assembly
 // (int8_main_5x2): GCC kept half of the intrinsic version's accumulators on the stack, a store
 // and a reload each per 4 input channels; in registers the kernel runs 1.1-1.5x faster
-// (~145-165 GOP/s per core on the layer shapes, the two multiply ports' limit being ~180 at
-// this clock) with bit-identical results.
+// (~105-165 GOP/s per core on the layer shapes at 64 and 2048 rows; the two multiply ports allow
+// ~175 at this clock) with bit-identical results.
 //
 // Blocking: a work item is 40 rows x 128 output channels (64 when all rows fit one block:
 // more items to share between threads). Inside it, panels outer, rows inner: the 40 rows'

@@ -37,7 +37,7 @@ from shoal.frontend.tokenizer import Tokenizer
 from shoal.logger import init_logger
 from shoal.model_source import resolve_model
 from shoal.runtime.addresses import ipc_path
-from shoal.runtime.child import init_child_process
+from shoal.runtime.child import exit_now, init_child_process
 from shoal.serving.admission import RETRY_AFTER_S, AdmissionControl
 from shoal.serving.asgi import (
     MAX_BODY_BYTES,
@@ -87,6 +87,7 @@ def run_api_server_worker_proc(
     init_child_process(f"ApiServer_{int(config.get('client_index', 0))}")
     _Signals.install()
     uvloop.run(run_server_worker(listen_address, sock, args, config, **uvicorn_kwargs))
+    exit_now(0)  # served and shut down: skip the ~0.3 s of interpreter teardown
 
 
 class _Signals:

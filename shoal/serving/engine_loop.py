@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 # How long an idle engine blocks on its input queue before it looks at the shutdown flag.
-_IDLE_WAIT_S = 0.2
+_IDLE_WAIT_S = 0.05
 # Longest an API server with requests here goes without a message from a busy engine; its
 # stall watchdog (--engine-stall-timeout, many times this) relies on it.
 HEARTBEAT_S = 1.0

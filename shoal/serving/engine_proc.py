@@ -13,10 +13,7 @@ Handshake over one duplex pipe per engine, bytes encoded with msgspec (no pickle
 from __future__ import annotations
 
 import contextlib
-import multiprocessing.util
-import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -30,7 +27,7 @@ from shoal.config import ShoalConfig
 from shoal.envs import ENVS
 from shoal.logger import init_logger
 from shoal.protocol import EngineAddresses, EngineReady, decoder, encode, engine_dead_frame
-from shoal.runtime.child import init_child_process
+from shoal.runtime.child import exit_now, init_child_process
 from shoal.runtime.managers import ProcessManager
 from shoal.runtime.procs import SPAWN_CTX, ProcessLike, exitcode_after_exit, start_process
 from shoal.serving.engine_loop import EngineCoreProc
@@ -111,21 +108,8 @@ def run_engine_core(
         logger.exception("fatal error; telling the API servers this engine is dead")
         if proc is not None:
             proc.close(dead=True)
-        _exit_now(1)  # threads may be stuck in a dead socket
-    _exit_now(0)
-
-
-def _exit_now(code: int) -> None:
-    """Exit without interpreter teardown: everything is closed by now, and unloading torch
-    alone takes about a second, which would eat into the launcher's shutdown deadline."""
-    with contextlib.suppress(Exception):
-        # multiprocessing's own finalizers (e.g. semaphores a library created), so the
-        # resource tracker has nothing to clean up after us.
-        multiprocessing.util._run_finalizers()  # type: ignore[attr-defined]
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+        exit_now(1)  # threads may be stuck in a dead socket
+    exit_now(0)  # no teardown: unloading torch alone takes about a second
 
 
 # -- launcher side --------------------------------------------------------------------------------

@@ -187,6 +187,22 @@ def start_grandchildren(report: Any, escapee_mode: str, ignore_sigterm: bool = T
         time.sleep(60)
 
 
+def bind_ipc_then_exit_now(report: Any, address: str, code: int) -> None:
+    """Bind a ZMQ socket at the IPC `address`, report the path, then `exit_now(code)` with the
+    socket still open (what an API server or engine does after its shutdown)."""
+    import zmq
+
+    from shoal.runtime.addresses import bind_zmq_socket, ipc_path
+    from shoal.runtime.child import exit_now
+
+    _init("Stub")
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    bind_zmq_socket(sock, address)
+    report.send(ipc_path(address))
+    report.close()
+    exit_now(code)
+
+
 def report_identity(report: Any, role: str) -> None:
     """Generic stub: init_child_process(role), send what it set up, sleep."""
     _init(role)

@@ -71,6 +71,25 @@ def test_identity_and_process_group() -> None:
         shutdown([proc], timeout=1)
 
 
+def test_exit_now_keeps_the_code_and_unlinks_the_ipc_socket_files(tmp_path: Path) -> None:
+    """`exit_now` skips interpreter teardown (and with it atexit handlers), so it unlinks the
+    process's IPC socket files itself: none is left behind, and the exit code is the one asked."""
+    address = f"ipc://{tmp_path / 'exit-now.sock'}"
+    recv, send = SPAWN_CTX.Pipe(duplex=False)
+    proc = SPAWN_CTX.Process(target=stub_targets.bind_ipc_then_exit_now, args=(send, address, 3))
+    proc.start()
+    send.close()
+    try:
+        assert recv.poll(60)
+        path = recv.recv()
+        proc.join(30)
+        assert proc.exitcode == 3
+        assert path == str(tmp_path / "exit-now.sock") and not os.path.exists(path)
+    finally:
+        recv.close()
+        shutdown([proc], timeout=1)
+
+
 def test_children_die_with_a_sigkilled_launcher() -> None:
     launcher, info = _start_launcher("api")
     assert all(_running(pid) for pid in info["pids"])
