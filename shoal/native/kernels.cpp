@@ -100,11 +100,10 @@ inline __m256i load_cols(const int32_t* p, int64_t n, int64_t N) {
                     : _mm256_maskload_epi32(p + n, lane_mask(n, N));
 }
 
-// The 5-row x 2-panel main loop in assembly: GCC's register allocation of the intrinsic
-// version kept five of the ten accumulators on the stack (a store and a reload per
-// accumulator per 4 input channels). Here the ten accumulators and the ones vector are
-// operands, so the compiler gives them registers, and ymm11-15 hold the two weight vectors,
-// the broadcast row bytes and two products. Same operations in the same order per element.
+// The 5-row x 2-panel main loop (why in assembly: the overview above). The ten accumulators
+// and the ones vector are operands, so the compiler gives them registers; ymm11-15 hold the
+// two weight vectors, the broadcast row bytes and two products. Same operations per element
+// as the intrinsic loop of int8_tile.
 inline void int8_main_5x2(const uint8_t* a, int64_t K4, const int8_t* w, int64_t panel,
                           __m256i ones, __m256i (&acc)[5][2]) {
   if (K4 <= 0) return;

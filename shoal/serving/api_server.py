@@ -81,7 +81,8 @@ def run_api_server_worker_proc(
     `client_config`: `input_address`, `output_address`, `client_index`, `client_count`,
     `actual_address_pipe` and optionally `stats_update_address` (from
     `APIServerProcessManager`). `args`: the `shoal serve` namespace (shoal.serving.args).
-    Returns (exit 0) after a signal-initiated shutdown; raises (exit 1) when start-up fails.
+    Exits 0 after a signal-initiated shutdown, without interpreter teardown (`exit_now`);
+    raises (exit 1) when start-up fails.
     """
     config = dict(client_config or {})
     init_child_process(f"ApiServer_{int(config.get('client_index', 0))}")
