@@ -9,8 +9,8 @@ markdown table (with the issue-6 targets checked) to --out-dir.
 
 Servers (in this order): the bare-uvicorn baseline (1 and 2 workers, and 1 worker paced
 like an engine: a chunk per stream every --paced-tick-ms), `shoal serve` on a
-tiny random-weight model (2 layers, hidden 64, the default tokenizer; 1 and 2 API servers),
-`shoal serve` on the default model. Engine-side baseline: benchmarks/offline_throughput.py.
+tiny random-weight model (2 layers, hidden 64, the default tokenizer; 1 and 2 API servers,
+and 1 with a chunk per --stream-interval tokens), `shoal serve` on the default model. Engine-side baseline: benchmarks/offline_throughput.py.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Workload:
 
 @dataclass
 class ServerSpec:
-    name: str  # "bare-1", "tiny-1", "tiny-2", "default-1", "int8-1", "gguf-1", "int8-kv16-1"
+    name: str  # "bare-1", "tiny-1", "tinysi-1", "default-1", "int8-1", "gguf-1", "int8-kv16-1"
     kind: str  # "bare" or "shoal"
     model_label: str
     num_api_servers: int
@@ -76,6 +76,14 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
         ),
         ServerSpec("tiny-1", "shoal", "tiny random (2 layers, hidden 64)", 1, stream, tiny_flags),
         ServerSpec("tiny-2", "shoal", "tiny random (2 layers, hidden 64)", 2, stream, tiny_flags),
+        ServerSpec(
+            "tinysi-1",
+            "shoal",
+            f"tiny random (2 layers, hidden 64), --stream-interval {args.stream_interval}",
+            1,
+            stream,
+            [*tiny_flags, "--stream-interval", str(args.stream_interval)],
+        ),
         ServerSpec(
             "default-1",
             "shoal",
@@ -316,6 +324,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=10.0,
         help="the paced bare baseline's step: one chunk per stream every T ms (default 10: "
         "6,400 tok/s at c=64, about the tiny model's engine rate)",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=8,
+        help="tokens per chunk of the tinysi-1 server (`shoal serve --stream-interval`; the "
+        "other servers send one per token) (default: %(default)s)",
     )
     p.add_argument("--only", default=None, help="servers to run: bare, tiny, default, tiny-2, ...")
     p.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))

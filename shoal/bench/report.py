@@ -134,6 +134,17 @@ TARGETS: list[Target] = [
         "vLLM ~100",
     ),
     ("API-server CPU per streamed token (us), tiny, 2", "tiny-2", 64, _api_cpu, "<=", 30, ""),
+    # The same two with several tokens per chunk (`--stream-interval`).
+    ("tiny c=64 streamed tok/s, --stream-interval", "tinysi-1", 64, _tput, ">=", 10000, ""),
+    (
+        "API-server CPU per streamed token (us), tiny, --stream-interval",
+        "tinysi-1",
+        64,
+        _api_cpu,
+        "<=",
+        30,
+        "",
+    ),
     (
         "default model startup to /health 200 (s)",
         "default-1",

@@ -103,8 +103,15 @@ class OutputProcessor:
     """Turns `EngineCoreOutput`s into `RequestOutput`s; torch-free and synchronous, cheap
     enough to call from an API server's event loop."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, stream_interval: int = 1) -> None:
+        """`stream_interval`: a DELTA output of a running sequence is held back until it
+        carries this many new tokens (the first token and the end always go at once), so a
+        streaming client gets one chunk per `stream_interval` tokens instead of one per token.
+        1 reports every token."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval: must be at least 1, got {stream_interval}")
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
         self._requests: dict[str, _RequestState] = {}
         # engine request id -> (its request, its sequence); removed when the sequence ends.
         self._by_engine_id: dict[str, tuple[_RequestState, _Sequence]] = {}
@@ -302,9 +309,13 @@ class OutputProcessor:
         )
 
     def _delta(self, state: _RequestState, seq: _Sequence) -> CompletionOutput | None:
-        new_tokens = seq.token_ids[seq.num_sent_tokens :]
-        if not new_tokens and seq.finish_reason is None:
+        running = seq.finish_reason is None
+        num_new = len(seq.token_ids) - seq.num_sent_tokens
+        if running and (
+            num_new == 0 or (seq.num_sent_tokens and num_new < self.stream_interval)
+        ):
             return None
+        new_tokens = seq.token_ids[seq.num_sent_tokens :]
         if state.max_stop_len:
             visible = self._visible_len(state, seq)
             text = seq.text.since(seq.num_sent_chars)[: max(0, visible - seq.num_sent_chars)]

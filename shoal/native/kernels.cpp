@@ -455,24 +455,33 @@ inline void gqa_scores4(const float* const* q, const T* const* keys, int64_t d, 
   }
 }
 
-// The value pass for C query heads sharing one KV head, one 32-wide slice of head_dim:
-// out[c][0..32) = sum_t p[c][t] values[t][0..32), each value vector loaded once for the C
-// heads and the sums held in registers across every key.
+// The value pass for C query heads sharing one KV head, one 32-wide slice of head_dim, over
+// keys [t0, t1): out[c][0..32) += sum_t p[c][t] values[t][0..32) (t0 == 0: out is written,
+// not read), each value vector loaded once for the C heads and the sums held in registers.
+// Splitting [0, L) into chunks gives the same bits as one pass: each sum is one FMA chain in
+// key order, and a chunk only parks it in `out` between two keys. Registers: 4C sums, C
+// weights and one value vector (16 for C = 3, so none is spilled to the stack).
 template <int C, typename T>
-inline void gqa_weighted_sum32(const float* const* p, const T* const* values, int64_t L,
-                               float* const* out) {
+inline void gqa_weighted_sum32(const float* const* p, const T* const* values, int64_t t0,
+                               int64_t t1, float* const* out) {
   __m256 acc[C][4];
-  zero_accumulators<C>(acc);
-  for (int64_t t = 0; t < L; t++) {
-    const __m256 v0 = load8(values[t]), v1 = load8(values[t] + 8);
-    const __m256 v2 = load8(values[t] + 16), v3 = load8(values[t] + 24);
+  if (t0 == 0) {
+    zero_accumulators<C>(acc);
+  } else {
 #pragma GCC unroll 4
-    for (int c = 0; c < C; c++) {
-      const __m256 pv = _mm256_set1_ps(p[c][t]);
-      acc[c][0] = _mm256_fmadd_ps(pv, v0, acc[c][0]);
-      acc[c][1] = _mm256_fmadd_ps(pv, v1, acc[c][1]);
-      acc[c][2] = _mm256_fmadd_ps(pv, v2, acc[c][2]);
-      acc[c][3] = _mm256_fmadd_ps(pv, v3, acc[c][3]);
+    for (int c = 0; c < C; c++)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; j++) acc[c][j] = _mm256_loadu_ps(out[c] + 8 * j);
+  }
+  for (int64_t t = t0; t < t1; t++) {
+    __m256 pv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; c++) pv[c] = _mm256_set1_ps(p[c][t]);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+      const __m256 v = load8(values[t] + 8 * j);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; c++) acc[c][j] = _mm256_fmadd_ps(pv[c], v, acc[c][j]);
     }
   }
 #pragma GCC unroll 4
@@ -480,6 +489,18 @@ inline void gqa_weighted_sum32(const float* const* p, const T* const* values, in
 #pragma GCC unroll 4
     for (int j = 0; j < 4; j++) _mm256_storeu_ps(out[c] + 8 * j, acc[c][j]);
 }
+
+// Ask for one token's cache row ([kv_heads, head_dim]) ahead of its use: a sequence's blocks
+// lie anywhere in the cache, so the hardware prefetcher cannot see the next block coming.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t elements) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = elements * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Keys ahead of the scores pass that are prefetched, and keys per chunk of the value pass.
+constexpr int64_t kAhead = 8, kChunk = 16;
 
 template <typename T>
 torch::Tensor paged_decode_attention_impl(const torch::Tensor& q, const torch::Tensor& kv_cache,
@@ -535,7 +556,11 @@ torch::Tensor paged_decode_attention_impl(const torch::Tensor& q, const torch::T
       // vector loaded once for them), then the remaining keys one by one.
       int64_t t0 = 0;
       if (D % 8 == 0) {
-        for (; t0 + 4 <= L; t0 += 4)
+        for (int64_t t = 0; t < std::min<int64_t>(kAhead, L); t++)
+          prefetch_row(kp + rows[t], token_stride);
+        for (; t0 + 4 <= L; t0 += 4) {
+          for (int64_t t = t0 + kAhead; t < std::min<int64_t>(t0 + kAhead + 4, L); t++)
+            prefetch_row(kp + rows[t], token_stride);
           for (int64_t h0 = 0; h0 < H; h0 += std::min<int64_t>(3, G - h0 % G)) {
             const int64_t c = std::min<int64_t>(3, G - h0 % G);
             const T* keys[4];
@@ -550,7 +575,11 @@ torch::Tensor paged_decode_attention_impl(const torch::Tensor& q, const torch::T
             else if (c == 2) gqa_scores4<2>(qs, keys, D, fscale, outs);
             else gqa_scores4<1>(qs, keys, D, fscale, outs);
           }
+        }
       }
+      // The first values, fetched while the softmax runs.
+      for (int64_t t = 0; t < std::min<int64_t>(kChunk, L); t++)
+        prefetch_row(vp + rows[t], token_stride);
       for (int64_t t = t0; t < L; t++)
         for (int64_t h = 0; h < H; h++)
           scores[h * L + t] = dot(qr + h * q_s1, kp + rows[t] + (h / G) * D, D) * fscale;
@@ -579,20 +608,29 @@ torch::Tensor paged_decode_attention_impl(const torch::Tensor& q, const torch::T
       if (D % 32 == 0) {
         // Per KV head, up to 3 of its query heads and a 32-wide slice of head_dim at a time:
         // each value vector is loaded once for them, the sums stay in registers.
+        // Keys in chunks of kChunk: a chunk's cache rows are read by every head group and
+        // slice while they are in L1, and the next chunk's are prefetched meanwhile (1.4x
+        // for a float16 cache at batch 64). With L == 0 the output is zeros, as before.
         values.resize(static_cast<size_t>(std::max<int64_t>(L, 1)));
-        for (int64_t h0 = 0; h0 < H; h0 += std::min<int64_t>(3, G - h0 % G)) {
-          const int64_t c = std::min<int64_t>(3, G - h0 % G);
-          for (int64_t d0 = 0; d0 < D; d0 += 32) {
-            for (int64_t t = 0; t < L; t++) values[t] = vp + rows[t] + (h0 / G) * D + d0;
-            const float* ps[3];
-            float* outs[3];
-            for (int64_t i = 0; i < c; i++) {
-              ps[i] = scores.data() + (h0 + i) * L;
-              outs[i] = o + (h0 + i) * D + d0;
+        if (L == 0) std::fill(o, o + H * D, 0.f);
+        for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+          const int64_t t1 = std::min<int64_t>(t0 + kChunk, L);
+          for (int64_t t = t1; t < std::min<int64_t>(t1 + kChunk, L); t++)
+            prefetch_row(vp + rows[t], token_stride);
+          for (int64_t h0 = 0; h0 < H; h0 += std::min<int64_t>(3, G - h0 % G)) {
+            const int64_t c = std::min<int64_t>(3, G - h0 % G);
+            for (int64_t d0 = 0; d0 < D; d0 += 32) {
+              for (int64_t t = t0; t < t1; t++) values[t] = vp + rows[t] + (h0 / G) * D + d0;
+              const float* ps[3];
+              float* outs[3];
+              for (int64_t i = 0; i < c; i++) {
+                ps[i] = scores.data() + (h0 + i) * L;
+                outs[i] = o + (h0 + i) * D + d0;
+              }
+              if (c == 3) gqa_weighted_sum32<3>(ps, values.data(), t0, t1, outs);
+              else if (c == 2) gqa_weighted_sum32<2>(ps, values.data(), t0, t1, outs);
+              else gqa_weighted_sum32<1>(ps, values.data(), t0, t1, outs);
             }
-            if (c == 3) gqa_weighted_sum32<3>(ps, values.data(), L, outs);
-            else if (c == 2) gqa_weighted_sum32<2>(ps, values.data(), L, outs);
-            else gqa_weighted_sum32<1>(ps, values.data(), L, outs);
           }
         }
       } else {

@@ -145,7 +145,7 @@ async def run_server_worker(
             client.client_index,
             int(client_config.get("client_count", 1)),
         )
-        engine = AsyncEngine(client, tokenizer, metrics)
+        engine = AsyncEngine(client, tokenizer, metrics, int(getattr(args, "stream_interval", 1)))
         ctx = ServingContext(engine, tokenizer, _served_model_name(args, client))
         app = build_app(ctx, args, admission)
         server = uvicorn.Server(_uvicorn_config(app, args, uvicorn_kwargs))

@@ -5,7 +5,7 @@ once at spawn), so it carries plain values only. Attributes API servers read:
 `model` (None = the embedded default model), `tokenizer`, `served_model_name`, `api_key`,
 `max_model_len`, `host`, `port`, `api_server_count`, `data_parallel_size`,
 `shutdown_timeout`, `uvicorn_log_level`, `max_num_queued_requests`, `max_request_body_bytes`,
-`engine_stall_timeout`, `restart_dead_engines`.
+`engine_stall_timeout`, `restart_dead_engines`, `stream_interval`.
 """
 
 from __future__ import annotations
@@ -116,6 +116,15 @@ def _add_server_args(g: argparse._ArgumentGroup) -> None:
         help="largest request body accepted; larger gets 413 (default: %(default)s)",
     )
     g.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed chunk: a running stream's first token goes at once, then "
+        "one chunk per this many tokens, and the rest at the end; larger values cost the API "
+        "servers less CPU per token at the price of burstier chunks (default: %(default)s, "
+        "a chunk per token)",
+    )
+    g.add_argument(
         "--uvicorn-log-level",
         default="warning",
         choices=UVICORN_LOG_LEVELS,
@@ -199,6 +208,8 @@ def _check_server_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--max-request-body-bytes: must be at least 1, got {args.max_request_body_bytes}"
         )
+    if args.stream_interval < 1:
+        raise ValueError(f"--stream-interval: must be at least 1, got {args.stream_interval}")
     if args.max_num_queued_requests is not None and args.max_num_queued_requests < 1:
         raise ValueError(
             f"--max-num-queued-requests: must be at least 1, got {args.max_num_queued_requests}"

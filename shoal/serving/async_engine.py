@@ -72,13 +72,21 @@ class _Timing:
 class AsyncEngine:
     """What the HTTP routes call: `process`, `generate`, `is_dead`."""
 
-    def __init__(self, client: EngineClient, tokenizer: Tokenizer, metrics: MetricsStore) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        tokenizer: Tokenizer,
+        metrics: MetricsStore,
+        stream_interval: int = 1,
+    ) -> None:
+        """`stream_interval`: tokens per streamed output (`--stream-interval`, see
+        `OutputProcessor`)."""
         self.client = client
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_model_len = client.max_model_len
         self.processor = InputProcessor(tokenizer, self.max_model_len)
-        self.output_processor = OutputProcessor(tokenizer)
+        self.output_processor = OutputProcessor(tokenizer, stream_interval)
         self._streams: dict[str, _Stream] = {}
         self._timings: dict[str, _Timing] = {}
         # request id -> (engine, its engine request ids), while it runs.

@@ -230,3 +230,62 @@ def test_duplicate_request_id_rejected(tok: Tokenizer) -> None:
     proc = _start(tok, SamplingParams(), DELTA)
     with pytest.raises(ValueError, match="^request_id: 'r' is already in flight"):
         proc.add_request(InputProcessor(tok, 100).process("r", "x"))
+
+
+# ----------------------------------------------------------------------------- stream interval
+
+
+def _start_interval(
+    tok: Tokenizer, params: SamplingParams, interval: int, request_id: str = "r"
+) -> OutputProcessor:
+    proc = OutputProcessor(tok, stream_interval=interval)
+    proc.add_request(InputProcessor(tok, 4096).process(request_id, "Say:", params), DELTA)
+    return proc
+
+
+def test_stream_interval_groups_tokens_after_the_first(tok: Tokenizer) -> None:
+    ids = tok.encode(" one two three four five six seven eight nine ten")
+    assert len(ids) == 10
+    proc = _start_interval(tok, SamplingParams(max_tokens=100), 4)
+    results, aborts = _feed(proc, "r", ids)
+    # The first token at once, then a chunk per 4 tokens; the end flushes the remainder.
+    assert [len(r.outputs[0].token_ids) for r in results] == [1, 4, 4, 1]
+    assert [r.finished for r in results] == [False, False, False, True]
+    assert aborts == [] and _text(results) == " one two three four five six seven eight nine ten"
+    assert [t for r in results for o in r.outputs for t in o.token_ids] == ids
+
+
+def test_stream_interval_one_reports_every_token(tok: Tokenizer) -> None:
+    ids = tok.encode(" a b c d e")
+    results, _ = _feed(_start_interval(tok, SamplingParams(), 1), "r", ids)
+    assert [len(r.outputs[0].token_ids) for r in results] == [1] * len(ids)
+
+
+def test_stream_interval_does_not_delay_a_stop_string(tok: Tokenizer) -> None:
+    ids = tok.encode(" one two STOP three four")
+    proc = _start_interval(tok, SamplingParams(stop=["STOP"]), 8)
+    results, aborts = _feed(proc, "r", ids, last=None)
+    # Fewer than 8 tokens after the first, but the stop string ends the sequence: flushed.
+    assert len(results) == 2 and results[-1].finished
+    assert _text(results) == " one two " and aborts == ["r"]
+    assert results[-1].outputs[0].finish_reason == "stop"
+
+
+def test_stream_interval_applies_per_sequence_with_n(tok: Tokenizer) -> None:
+    params = SamplingParams(n=2, max_tokens=100)
+    proc = OutputProcessor(tok, stream_interval=3)
+    proc.add_request(InputProcessor(tok, 4096).process("r", "Say:", params), DELTA)
+    seen: list[tuple[int, int]] = []  # (sequence index, tokens in its chunk)
+    # Sequence 0 gets a token every step, sequence 1 only every other step.
+    for step in range(7):
+        outputs = [EngineCoreOutput("r-0", [100 + step])]
+        if step % 2 == 0:
+            outputs.append(EngineCoreOutput("r-1", [200 + step]))
+        for r in proc.process_outputs(outputs)[0]:
+            seen += [(o.index, len(o.token_ids)) for o in r.outputs]
+    assert seen == [(0, 1), (1, 1), (0, 3), (0, 3), (1, 3)]
+
+
+def test_stream_interval_must_be_positive(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="stream_interval"):
+        OutputProcessor(tok, stream_interval=0)

@@ -82,6 +82,7 @@ def test_flags_reach_the_config() -> None:
         (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
         (["--max-num-seqs", "0"], "--max-num-seqs"),
         (["--engine-ready-timeout", "0"], "--engine-ready-timeout"),
+        (["--stream-interval", "0"], "--stream-interval"),
         (["--quantization", "int8", "--dtype", "bfloat16"], "--quantization"),
     ],
 )
