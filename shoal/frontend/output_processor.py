@@ -311,9 +311,7 @@ class OutputProcessor:
     def _delta(self, state: _RequestState, seq: _Sequence) -> CompletionOutput | None:
         running = seq.finish_reason is None
         num_new = len(seq.token_ids) - seq.num_sent_tokens
-        if running and (
-            num_new == 0 or (seq.num_sent_tokens and num_new < self.stream_interval)
-        ):
+        if running and (num_new == 0 or (seq.num_sent_tokens and num_new < self.stream_interval)):
             return None
         new_tokens = seq.token_ids[seq.num_sent_tokens :]
         if state.max_stop_len:
