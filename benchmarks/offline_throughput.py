@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help=f"comma-separated shoal weight quantizations to run in turn: none, "
         f"{', '.join(QUANTIZATIONS)}; an entry may name a KV cache dtype after a colon, "
-        f"e.g. int8:float16 (default: %(default)s)",
+        f"e.g. int8:float32 (default: %(default)s)",
     )
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: --num-prompts")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)

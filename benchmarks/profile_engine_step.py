@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=32, help="decode steps measured")
     p.add_argument("--top", type=int, default=0, help="also print the top-N functions")
     p.add_argument("--quantization", default=None, choices=["int8", "gguf"], help="default: none")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16"])
     p.add_argument(
         "--timing-only", action="store_true", help="prefill and decode timings, no profile"
     )
@@ -175,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             model, load_format = make_tiny_model_dir(os.path.join(tmp, "tiny")), "dummy"
         llm = LLM(
             model, load_format=load_format, max_model_len=1024, num_blocks=2048,
-            quantization=args.quantization,
+            quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         )  # fmt: skip
         import torch
 
         torch.set_num_threads(args.threads)
         print(
-            f"model {model or 'default'}; quantization {args.quantization}; torch threads "
+            f"model {model or 'default'}; quantization {args.quantization}; KV cache "
+            f"{args.kv_cache_dtype}; torch threads "
             f"{torch.get_num_threads()}; load average {os.getloadavg()}"
         )
         for batch in (int(b) for b in args.batch.split(",")):

@@ -44,7 +44,7 @@ class Workload:
 
 @dataclass
 class ServerSpec:
-    name: str  # "bare-1", "tiny-1", "tinysi-1", "default-1", "int8-1", "gguf-1", "int8-kv16-1"
+    name: str  # "bare-1", "tiny-1", "tinysi-1", "default-1", "int8-1", "gguf-1", "int8-kv32-1"
     kind: str  # "bare" or "shoal"
     model_label: str
     num_api_servers: int
@@ -108,12 +108,12 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
             ["--quantization", "gguf"],
         ),
         ServerSpec(
-            "int8-kv16-1",
+            "int8-kv32-1",
             "shoal",
-            "SmolLM2-135M-Instruct, --quantization int8 --kv-cache-dtype float16",
+            "SmolLM2-135M-Instruct, --quantization int8 --kv-cache-dtype float32",
             1,
             [wl(16, 64, 16), wl(64, 192, 64)],
-            ["--quantization", "int8", "--kv-cache-dtype", "float16"],
+            ["--quantization", "int8", "--kv-cache-dtype", "float32"],
         ),
     ]
     if args.concurrency:

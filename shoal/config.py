@@ -13,8 +13,9 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("cpu", "cuda", "auto")
 # Weight quantizations applied at load (None = weights kept in `dtype`).
 QUANTIZATIONS = ("int8", "gguf")
-# KV cache storage: "auto" = the model's dtype; "float16" halves the bytes attention reads.
-KV_CACHE_DTYPES = ("auto", "float16")
+# KV cache storage: "auto" = the model's dtype, except float16 for float32 models with quantized
+# weights (see `kv_cache_torch_dtype`); "float16" halves the bytes attention reads.
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
 
 
 def _check(cond: bool, flag: str, msg: str) -> None:
@@ -74,8 +75,10 @@ class CacheConfig:
     # preemption).
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
-    # "auto" (the model's dtype) or "float16": keys and values rounded to half precision
-    # when written; attention still computes in the model's dtype.
+    # "auto", "float32" or "float16" (keys and values rounded to half precision when written;
+    # attention still computes in the model's dtype). "auto" is the model's dtype, except
+    # float16 when a float32 model's weights are quantized (`--quantization int8` or `gguf`):
+    # docs/engine-runner.md, "KV cache dtype".
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:

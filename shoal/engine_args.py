@@ -115,8 +115,9 @@ def add_engine_args(g: ArgGroup) -> None:
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
         default=config_default(CacheConfig, "kv_cache_dtype"),
-        help="KV cache storage: auto = the model's dtype; float16 halves the memory and the "
-        "bytes decode attention reads, rounding keys and values (default: %(default)s)",
+        help="KV cache storage: auto = the model's dtype, except float16 for a float32 model "
+        "with --quantization; float16 halves the memory and the bytes decode attention reads, "
+        "rounding keys and values (default: %(default)s)",
     )
     g.add_argument(
         "--no-enable-prefix-caching",

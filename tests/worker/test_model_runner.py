@@ -16,6 +16,7 @@ from shoal.worker.model_runner import (
     ModelRunner,
     TokenRate,
     cpu_threads,
+    kv_cache_torch_dtype,
 )
 from tests.model.tiny_hf import VOCAB, make_hf_model, save_hf_model
 from tests.worker.runner_driver import RunnerDriver
@@ -312,3 +313,20 @@ def test_float16_kv_cache(checkpoint) -> None:
     assert runner.kv_caches[0].abs().sum() > 0  # written
     with pytest.raises(ValueError, match="--kv-cache-dtype"):
         CacheConfig(kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize(
+    ("flag", "model_dtype", "quantization", "expected"),
+    [
+        ("auto", torch.float32, None, torch.float32),  # the model's dtype, as in vLLM
+        ("auto", torch.bfloat16, None, torch.bfloat16),
+        ("auto", torch.float32, "int8", torch.float16),  # quantized weights: half the bytes
+        ("auto", torch.float32, "gguf", torch.float16),
+        ("float32", torch.float32, "int8", torch.float32),  # the way back
+        ("float16", torch.float32, None, torch.float16),
+    ],
+)
+def test_kv_cache_dtype_resolution(
+    flag: str, model_dtype: torch.dtype, quantization: str | None, expected: torch.dtype
+) -> None:
+    assert kv_cache_torch_dtype(flag, model_dtype, quantization) == expected
