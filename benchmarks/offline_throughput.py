@@ -1,9 +1,9 @@
 """Offline throughput: shoal's `LLM.generate` against transformers' batched `generate`.
 
-    python benchmarks/offline_throughput.py                       # 64 x (128 in, 128 out)
+    python benchmarks/offline_throughput.py                # int8 and float32, 64 x (128 in, 128 out)
     python benchmarks/offline_throughput.py --num-prompts 8 --input-len 32 --output-len 16
     python benchmarks/offline_throughput.py --skip-hf --out /tmp/shoal.json
-    python benchmarks/offline_throughput.py --quantization none,int8   # both, one HF baseline
+    python benchmarks/offline_throughput.py --quantization gguf,none   # both, one HF baseline
 
 Random prompts (token ids drawn from the vocabulary, special tokens left out), greedy, every
 request generating exactly --output-len tokens (ignore_eos). Prints output tok/s, prefill
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--quantization",
-        default="none",
+        default="int8,none",
         help=f"comma-separated shoal weight quantizations to run in turn: none, "
         f"{', '.join(QUANTIZATIONS)}; an entry may name a KV cache dtype after a colon, "
         f"e.g. int8:float32 (default: %(default)s)",
