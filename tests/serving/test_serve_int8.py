@@ -1,5 +1,6 @@
 """`shoal serve --quantization int8`: the flag reaches the engine, which serves with int8
-linears (the engine's load log says so) and greedy streaming equals non-streaming."""
+linears and, by default, a float16 KV cache (the engine's load log says both), and greedy
+streaming equals non-streaming."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def test_serve_with_int8_linears(serve: Callable[..., ServeProcess]) -> None:
     server = serve("--quantization", "int8")
     assert server.url is not None
     server.wait_for_log(r"EngineCore_0.*\+ int8 linears", timeout_s=30)
+    server.wait_for_log(r"EngineCore_0.*KV cache: .* MiB \(float16\)", timeout_s=30)
     model = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
     prompt = "The quick brown fox"
     body = {
