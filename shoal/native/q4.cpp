@@ -218,13 +218,24 @@ inline void q4_tile(const Q4Problem& p, int64_t m0, int64_t n0) {
 
 // Rows [m0, m1) x output channels [nb, ne) (nb % 8 == 0): NV panels at a time (then one by
 // one) outer, MT-row tiles inner, so a panel group stays in L1 while the rows pass over it.
+// The next group is prefetched a share before each full tile, as kernels.cpp's int8_block
+// does and for the same reason (at 16 rows: layers 1.08-1.12x, the LM head 1.18-1.2x).
 template <int MT, int NV>
 void q4_block(const Q4Problem& p, int64_t m0, int64_t m1, int64_t nb, int64_t ne) {
   static_assert(MT >= 1 && MT <= 4, "tiles of up to 4 rows");
+  const int64_t panel_bytes = p.KB * kRecord, tiles = (m1 - m0 + MT - 1) / MT;
   auto rows = [&](auto tile_nv, int64_t n) {
     constexpr int V = decltype(tile_nv)::value;
-    int64_t m = m0;
-    for (; m + MT <= m1; m += MT) q4_tile<MT, V>(p, m, n);
+    const int64_t group_bytes = V * panel_bytes;
+    const int64_t share = tiles > 1 ? (group_bytes / 64 + tiles - 1) / tiles * 64 : 0;
+    const char* next = reinterpret_cast<const char*>(p.w + (n / 8 + V) * panel_bytes);
+    int64_t fetched = 0, m = m0;
+    for (; m + MT <= m1; m += MT) {
+      for (const int64_t end = std::min(fetched + share, group_bytes); fetched < end;
+           fetched += 64)
+        _mm_prefetch(next + fetched, _MM_HINT_T0);
+      q4_tile<MT, V>(p, m, n);
+    }
     switch (m1 - m) {  // the last 1 .. MT - 1 rows
       case 3: q4_tile<3, V>(p, m, n); break;
       case 2: q4_tile<2, V>(p, m, n); break;
