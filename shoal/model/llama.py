@@ -224,6 +224,21 @@ def quantize_int8(model: LlamaForCausalLM) -> None:
     model._fused_list = None  # the fused decode path's parameter list is stale
 
 
+def _int8_greedy_token_ids(head: Int8Linear, hidden: torch.Tensor) -> list[int] | None:
+    """`head(hidden).argmax(-1).tolist()` without the logits (see `greedy_token_ids`), or
+    None: not float32 on CPU, or the native LM head turned off."""
+    if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+        return None
+    kernels = _native_lm_head_kernels()
+    if kernels is None:
+        return None
+    ids, _ = kernels.int8_linear_argmax(
+        hidden.reshape(-1, head.in_features).contiguous(), head.qweight, head.w_scale,
+        head.w_colsum, head.main_idx, head.outlier_idx, head.outlier_w, head.bias,
+    )  # fmt: skip
+    return ids.tolist()
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, the variance computed in float32 (as transformers does)."""
 
@@ -430,16 +445,20 @@ class LlamaForCausalLM(nn.Module):
 
     def greedy_token_ids(self, hidden: torch.Tensor) -> list[int] | None:
         """`compute_logits(hidden).argmax(-1).tolist()` without the logits, or None when the
-        native greedy LM head does not apply (not float32 on CPU, an int8 or biased head, no
+        native greedy LM head does not apply (not float32 on CPU, a biased float head, no
         native kernels, `SHOAL_NATIVE_LM_HEAD=0`).
 
         One fused pass: the [N, vocab] logits are never written (for the tiny test model that
         was 70 % of a decode step, for the default model 1.8x faster at 64 rows). Each logit
         is summed over the hidden size in a fixed order, not MKL's, so it can differ from
         `compute_logits` in the last bits: ties closer than that may pick another token.
+        An int8 head (`--quantization int8` or `gguf`) runs `int8_linear_argmax`: the same
+        logits as `compute_logits`, bit for bit, so the same tokens.
         The packed weight (a copy of the head, [vocab/16, hidden, 16]) is built at the first
         call and again whenever the head's weight changes."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head, Int8Linear):
+            return _int8_greedy_token_ids(head, hidden)
         weight = head if isinstance(head, torch.Tensor) else getattr(head, "weight", None)
         if (
             hidden.device.type != "cpu"

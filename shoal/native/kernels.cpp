@@ -74,6 +74,80 @@ namespace {
 // the tile's rows), then the bias. Every output element gets exactly the same operations in
 // the same order whatever the tile, thread split or batch: results do not depend on them.
 
+// ---------------------------------------------------------------------------------------------
+// Running argmax of logit rows (the greedy LM heads: lm_head_argmax, int8_linear_argmax)
+//
+// A row's best is kept per lane: 16 values and their vocabulary ids, updated 8 logits at a
+// time with a strict greater-than, so a lane keeps the first (lowest) id of its maximum as
+// long as each lane sees its ids in increasing order. NaN logits are never picked.
+
+struct LaneBest {
+  __m256 val[2];
+  __m256i idx[2];
+};
+
+// Fold 8 logits of vocabulary ids id0..id0+7 into half h of a row's running best.
+inline void lane_best_update(LaneBest& best, int h, __m256 v, int64_t id0, int64_t vocab,
+                             bool tail) {
+  const __m256i ids = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                       _mm256_set1_epi32(static_cast<int>(id0)));
+  if (tail) {
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(vocab)), ids);
+    v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(valid));
+  }
+  // Strictly greater: a lane keeps the first (lowest) id of its maximum.
+  const __m256 better = _mm256_cmp_ps(v, best.val[h], _CMP_GT_OQ);
+  best.val[h] = _mm256_blendv_ps(best.val[h], v, better);
+  best.idx[h] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best.idx[h]),
+                                                     _mm256_castsi256_ps(ids), better));
+}
+
+// (ids int64 [M], max logit float32 [M]) from `chunks` x M running bests ([chunk][row]), each
+// chunk over its own vocabulary ids. Equal values go to the lowest id, within a chunk's lanes
+// and across chunks (torch.argmax's rule); all -inf or NaN: id 0.
+std::vector<at::Tensor> best_of_rows(const LaneBest* best, int64_t chunks, int64_t M,
+                                     const at::TensorOptions& options) {
+  at::Tensor ids = at::empty({M}, options.dtype(at::kLong));
+  at::Tensor vals = at::empty({M}, options.dtype(at::kFloat));
+  int64_t* idp = ids.data_ptr<int64_t>();
+  float* vp = vals.data_ptr<float>();
+  for (int64_t m = 0; m < M; m++) {
+    float bv = -INFINITY;
+    int64_t bi = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+      alignas(32) float v[16];
+      alignas(32) int32_t id[16];
+      const LaneBest& b = best[c * M + m];
+      _mm256_store_ps(v, b.val[0]);
+      _mm256_store_ps(v + 8, b.val[1]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(id), b.idx[0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(id + 8), b.idx[1]);
+      float cv = -INFINITY;
+      int64_t ci = INT64_MAX;
+      for (int j = 0; j < 16; j++)
+        if (v[j] > cv || (v[j] == cv && id[j] < ci)) {
+          cv = v[j];
+          ci = id[j];
+        }
+      if (cv > bv || (cv == bv && ci < bi)) {
+        bv = cv;
+        bi = ci;
+      }
+    }
+    idp[m] = bi;
+    vp[m] = bv;
+  }
+  return {ids, vals};
+}
+
+inline void reset_lane_best(LaneBest* best, int64_t count) {
+  for (int64_t i = 0; i < count; i++)
+    for (int h = 0; h < 2; h++) {
+      best[i].val[h] = _mm256_set1_ps(-INFINITY);
+      best[i].idx[h] = _mm256_setzero_si256();
+    }
+}
+
 struct Int8Problem {
   const uint8_t* a;      // quantized rows, [M, K4] (q + 128, padding 128)
   int64_t K4;            // padded main channels, % 4 == 0
@@ -85,8 +159,11 @@ struct Int8Problem {
   const int32_t* colsum;
   const float* w_scale;
   const float* bias;     // or nullptr
-  float* y;              // [M, N]
+  float* y;              // [M, N], or nullptr when `best` is set
   int64_t N;
+  // int8_linear_argmax: the rows' running argmax per thread, [threads][M], instead of y.
+  LaneBest* best;
+  int64_t M;
 };
 
 using shoal_native::lane_mask;
@@ -199,6 +276,12 @@ inline void int8_tile(const Int8Problem& p, int64_t m0, int64_t n0) {
     const __m256 b = p.bias ? load_cols(p.bias, n, N) : _mm256_setzero_ps();
     for (int i = 0; i < MT; i++) {
       if (p.bias) v[i][j] = _mm256_add_ps(v[i][j], b);
+      if (p.best) {  // the greedy head: fold into this thread's best, write nothing
+        // Per lane, ids grow: a thread's tiles walk its output channels in order.
+        lane_best_update(p.best[at::get_thread_num() * p.M + m0 + i], j & 1, v[i][j], n, N,
+                         n + 8 > N);
+        continue;
+      }
       float* yr = p.y + (m0 + i) * N;
       if (n + 8 <= N)
         _mm256_storeu_ps(yr + n, v[i][j]);
@@ -306,11 +389,11 @@ inline float quantize_group(const float* xr, const int64_t* idx, int64_t count, 
   return scale;
 }
 
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
-                          const torch::Tensor& w_scale, const torch::Tensor& w_colsum,
-                          const torch::Tensor& main_idx, const torch::Tensor& outlier_idx,
-                          const torch::Tensor& outlier_w,
-                          const c10::optional<torch::Tensor>& bias) {
+// int8_linear's work: y (or, with `best`, each thread's running argmax per row) from x.
+void int8_run(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& w_scale,
+              const torch::Tensor& w_colsum, const torch::Tensor& main_idx,
+              const torch::Tensor& outlier_idx, const torch::Tensor& outlier_w,
+              const c10::optional<torch::Tensor>& bias, float* y, LaneBest* best) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
               "int8_linear: x must be a contiguous 2-D float32 tensor");
   const int64_t M = x.size(0), K = x.size(1), N = w_scale.numel();
@@ -328,9 +411,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
               "int8_linear: outlier_w must be float32 [ceil(N / 8), num_outliers, 8]");
   TORCH_CHECK(!bias.has_value() || (bias->numel() == N && bias->scalar_type() == torch::kFloat),
               "int8_linear: bias must be float32 [N]");
-
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
+  if (M == 0 || N == 0) return;
   auto a = torch::empty({M, K4}, x.options().dtype(torch::kByte));
   auto x_out = torch::empty({M, std::max<int64_t>(K_out, 1)}, x.options());
   auto row_scale = torch::empty({M}, x.options());
@@ -354,7 +435,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
                       outlier_w.data_ptr<float>(), w_colsum.data_ptr<int32_t>(),
                       w_scale.data_ptr<float>(),
                       bias.has_value() ? bias->data_ptr<float>() : nullptr,
-                      y.data_ptr<float>(), N};
+                      y, N, best, M};
 
   // Blocks of 1-2 rows take 4 panels per tile (3 x 4 and 4 x 4 would not fit the 16
   // registers). Work items: shared.h.
@@ -364,7 +445,36 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
     else
       int8_block<4>(p, mb, me, nb, ne);
   });
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w,
+                          const torch::Tensor& w_scale, const torch::Tensor& w_colsum,
+                          const torch::Tensor& main_idx, const torch::Tensor& outlier_idx,
+                          const torch::Tensor& outlier_w,
+                          const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "int8_linear: x must be a contiguous 2-D float32 tensor");
+  auto y = torch::empty({x.size(0), w_scale.numel()}, x.options());
+  int8_run(x, w, w_scale, w_colsum, main_idx, outlier_idx, outlier_w, bias, y.data_ptr<float>(),
+           nullptr);
   return y;
+}
+
+// The greedy int8 LM head: (argmax ids int64 [M], max logits float32 [M]) of
+// int8_linear(...) without writing its [M, N] output (at 16 rows the default model's 49152 x
+// 16 float32 logits are 3 MB written and read back by torch.argmax). The logits are the very
+// values int8_linear computes, so the ids are `int8_linear(...).argmax(-1)`'s (ties to the
+// lowest id), NaN aside: a NaN logit is never picked.
+std::vector<torch::Tensor> int8_linear_argmax(
+    const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& w_scale,
+    const torch::Tensor& w_colsum, const torch::Tensor& main_idx,
+    const torch::Tensor& outlier_idx, const torch::Tensor& outlier_w,
+    const c10::optional<torch::Tensor>& bias) {
+  const int64_t M = x.dim() == 2 ? x.size(0) : 0, threads = at::get_num_threads();
+  std::vector<LaneBest> best(static_cast<size_t>(std::max<int64_t>(threads * M, 1)));
+  reset_lane_best(best.data(), threads * M);
+  int8_run(x, w, w_scale, w_colsum, main_idx, outlier_idx, outlier_w, bias, nullptr,
+           best.data());
+  return best_of_rows(best.data(), threads, M, x.options());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -944,28 +1054,6 @@ at::Tensor pack_lm_head(const at::Tensor& w) {
   return packed;
 }
 
-// Running per-lane best of one row: 16 values and their vocabulary ids.
-struct LaneBest {
-  __m256 val[2];
-  __m256i idx[2];
-};
-
-// Fold 8 logits of vocabulary ids id0..id0+7 into half h of a row's running best.
-inline void lane_best_update(LaneBest& best, int h, __m256 v, int64_t id0, int64_t vocab,
-                             bool tail) {
-  const __m256i ids = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                       _mm256_set1_epi32(static_cast<int>(id0)));
-  if (tail) {
-    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(vocab)), ids);
-    v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(valid));
-  }
-  // Strictly greater: a lane keeps the first (lowest) id of its maximum.
-  const __m256 better = _mm256_cmp_ps(v, best.val[h], _CMP_GT_OQ);
-  best.val[h] = _mm256_blendv_ps(best.val[h], v, better);
-  best.idx[h] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best.idx[h]),
-                                                     _mm256_castsi256_ps(ids), better));
-}
-
 template <int MT>
 inline void lm_head_tile(const float* x, int64_t K, const float* panel, int64_t v0,
                          int64_t vocab, LaneBest* best) {
@@ -1006,11 +1094,7 @@ std::vector<at::Tensor> lm_head_argmax(const at::Tensor& x_in, const at::Tensor&
   // lowest id across chunks too. One chunk per thread (the work per panel is uniform).
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
   std::vector<LaneBest> best(chunks * M);
-  for (auto& b : best)
-    for (int h = 0; h < 2; h++) {
-      b.val[h] = _mm256_set1_ps(-INFINITY);
-      b.idx[h] = _mm256_setzero_si256();
-    }
+  reset_lane_best(best.data(), chunks * M);
   const float* xp = x.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -1032,40 +1116,7 @@ std::vector<at::Tensor> lm_head_argmax(const at::Tensor& x_in, const at::Tensor&
       }
     }
   });
-  at::Tensor ids = at::empty({M}, x.options().dtype(at::kLong));
-  at::Tensor vals = at::empty({M}, x.options());
-  int64_t* idp = ids.data_ptr<int64_t>();
-  float* vp = vals.data_ptr<float>();
-  for (int64_t m = 0; m < M; m++) {
-    float bv = -INFINITY;
-    int64_t bi = 0;
-    for (int64_t c = 0; c < chunks; c++) {
-      alignas(32) float v[kPanel];
-      alignas(32) int32_t id[kPanel];
-      const LaneBest& b = best[c * M + m];
-      _mm256_store_ps(v, b.val[0]);
-      _mm256_store_ps(v + 8, b.val[1]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(id), b.idx[0]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(id + 8), b.idx[1]);
-      // Within a chunk the lanes interleave ids: equal values go to the lower id. Across
-      // chunks ids only grow, so a later chunk must be strictly better. (All -inf: id 0,
-      // as torch.argmax.)
-      float cv = -INFINITY;
-      int64_t ci = INT64_MAX;
-      for (int j = 0; j < kPanel; j++)
-        if (v[j] > cv || (v[j] == cv && id[j] < ci)) {
-          cv = v[j];
-          ci = id[j];
-        }
-      if (cv > bv) {
-        bv = cv;
-        bi = ci;
-      }
-    }
-    idp[m] = bi;
-    vp[m] = bv;
-  }
-  return {ids, vals};
+  return best_of_rows(best.data(), chunks, M, x.options());
 }
 
 }  // namespace
@@ -1085,6 +1136,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layers", &decode_layers, nogil,
         "every decoder layer of a decode-only step (float32, CPU) in one call");
   m.def("pack_lm_head", &pack_lm_head, nogil, "LM head weight [V, K] -> panels for lm_head_argmax");
+  m.def("int8_linear_argmax", &int8_linear_argmax, nogil,
+        "greedy tokens: (argmax ids, max logits) of int8_linear's output without writing it");
   m.def("lm_head_argmax", &lm_head_argmax, nogil,
         "greedy tokens: (argmax ids, max logits) of x W^T without writing the logits");
   register_q4(m);

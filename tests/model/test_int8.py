@@ -215,3 +215,55 @@ def test_default_model_int8_logits_track_float32() -> None:
     agreement = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agreement >= 0.9, agreement
     assert (got - ref).norm() / ref.norm() < 0.15
+
+
+def test_int8_linear_argmax_is_the_argmax_of_int8_linear() -> None:
+    """The greedy int8 head picks exactly `int8_linear(...).argmax(-1)` (the same logits, bit
+    for bit, never written), at every row tile, with a partial last panel, exact ties (the
+    lowest id wins, as torch.argmax) and any thread count; its max is the logit itself."""
+    from shoal import native
+
+    kernels = native.load()
+    vocab, hidden = 1003, 96  # 1003: the last 8-channel panel has 3 real channels
+    w, b = _weights(vocab, hidden)
+    x = _activations(37, hidden)
+    # Identical rows aligned with row 0: its four largest logits are an exact tie.
+    w[[11, 500, 600, 1002]] = x[0] / x[0].norm()
+    for bias in (None, b):
+        head = Int8Linear(w, bias, torch.tensor([7]))
+        bufs = (head.qweight, head.w_scale, head.w_colsum, head.main_idx, head.outlier_idx,
+                head.outlier_w, head.bias)  # fmt: skip
+        saved = torch.get_num_threads()
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                for rows in (1, 2, 5, 16, 37):
+                    xr = x[:rows].contiguous()
+                    logits = head(xr)
+                    ids, vals = kernels.int8_linear_argmax(xr, *bufs)
+                    assert torch.equal(ids, logits.argmax(-1)), (threads, rows)
+                    assert torch.equal(vals, logits.max(-1).values)
+        finally:
+            torch.set_num_threads(saved)
+        if bias is None:  # (a bias breaks the tie)
+            logits = head(x[:1])
+            assert (logits[0] == logits[0].max()).sum() == 4
+            assert kernels.int8_linear_argmax(x[:1].contiguous(), *bufs)[0].item() == 11
+    # Every logit negative: the padded lanes past the vocabulary (0) never win.
+    head = Int8Linear(-w.abs() - 0.01, None, None)
+    ids, vals = kernels.int8_linear_argmax(
+        x.abs().contiguous(), head.qweight, head.w_scale, head.w_colsum, head.main_idx,
+        head.outlier_idx, head.outlier_w, None,
+    )  # fmt: skip
+    assert (vals < 0).all() and (ids < vocab).all()
+    with pytest.raises(RuntimeError, match="2-D"):
+        kernels.int8_linear_argmax(x[0], *bufs)
+
+
+def test_int8_model_greedy_head_skips_the_logits(tmp_path) -> None:
+    """An int8 model's greedy_token_ids runs the native head and agrees with the logits."""
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": True}))
+    model = _load(str(tmp_path), quantization="int8")
+    hidden = torch.randn(9, 64)
+    assert model.greedy_token_ids(hidden) == model.compute_logits(hidden).argmax(-1).tolist()
+    assert model.greedy_token_ids(hidden.bfloat16()) is None
