@@ -78,8 +78,7 @@ namespace {
 // Running argmax of logit rows (the greedy LM heads: lm_head_argmax, int8_linear_argmax)
 //
 // A row's best is kept per lane: 16 values and their vocabulary ids, updated 8 logits at a
-// time with a strict greater-than, so a lane keeps the first (lowest) id of its maximum as
-// long as each lane sees its ids in increasing order. NaN logits are never picked.
+// time; a lane keeps the lowest id of its maximum. NaN logits are never picked.
 
 struct LaneBest {
   __m256 val[2];
@@ -95,8 +94,12 @@ inline void lane_best_update(LaneBest& best, int h, __m256 v, int64_t id0, int64
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(vocab)), ids);
     v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(valid));
   }
-  // Strictly greater: a lane keeps the first (lowest) id of its maximum.
-  const __m256 better = _mm256_cmp_ps(v, best.val[h], _CMP_GT_OQ);
+  // Greater, or equal with a lower id: a lane keeps the lowest id of its maximum whatever
+  // order its ids come in (work items may be taken out of order: shared.h).
+  const __m256 better = _mm256_or_ps(
+      _mm256_cmp_ps(v, best.val[h], _CMP_GT_OQ),
+      _mm256_and_ps(_mm256_cmp_ps(v, best.val[h], _CMP_EQ_OQ),
+                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(best.idx[h], ids))));
   best.val[h] = _mm256_blendv_ps(best.val[h], v, better);
   best.idx[h] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best.idx[h]),
                                                      _mm256_castsi256_ps(ids), better));
@@ -277,7 +280,6 @@ inline void int8_tile(const Int8Problem& p, int64_t m0, int64_t n0) {
     for (int i = 0; i < MT; i++) {
       if (p.bias) v[i][j] = _mm256_add_ps(v[i][j], b);
       if (p.best) {  // the greedy head: fold into this thread's best, write nothing
-        // Per lane, ids grow: a thread's tiles walk its output channels in order.
         lane_best_update(p.best[at::get_thread_num() * p.M + m0 + i], j & 1, v[i][j], n, N,
                          n + 8 > N);
         continue;
@@ -673,12 +675,14 @@ torch::Tensor paged_decode_attention_impl(const torch::Tensor& q, const torch::T
       const int64_t L = len - start;
       const int64_t* table = bt + r * bt_s0;
       const float* qr = qp + r * q_s0;
-      scores.assign(static_cast<size_t>(H * std::max<int64_t>(L, 1)), 0.f);
-      // Each token's [kv_heads, head_dim] row in the cache, looked up once.
+      scores.resize(static_cast<size_t>(H * std::max<int64_t>(L, 1)));
+      // Each token's [kv_heads, head_dim] row in the cache, looked up once (block by block:
+      // no division per token).
       rows.resize(static_cast<size_t>(std::max<int64_t>(L, 1)));
-      for (int64_t t = 0; t < L; t++) {
-        const int64_t pos = start + t;
-        rows[t] = table[pos / BS] * block_stride + (pos % BS) * token_stride;
+      for (int64_t t = 0, pos = start; t < L;) {
+        const int64_t block = table[pos / BS] * block_stride;
+        for (int64_t off = pos % BS; off < BS && t < L; off++, t++, pos++)
+          rows[t] = block + off * token_stride;
       }
       // Scores 4 keys at a time for up to 3 query heads of a KV head together (each key
       // vector loaded once for them), then the remaining keys one by one.
@@ -714,7 +718,15 @@ torch::Tensor paged_decode_attention_impl(const torch::Tensor& q, const torch::T
       for (int64_t h = 0; h < H; h++) {
         float* s = scores.data() + h * L;
         float mx = -INFINITY;
-        for (int64_t t = 0; t < L; t++) mx = std::max(mx, s[t]);
+        {
+          __m256 m8 = _mm256_set1_ps(-INFINITY);
+          int64_t t = 0;
+          for (; t + 8 <= L; t += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(s + t), m8);
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, m8);
+          for (int j = 0; j < 8; j++) mx = std::max(mx, lanes[j]);
+          for (; t < L; t++) mx = std::max(mx, s[t]);
+        }
         const __m256 mv = _mm256_set1_ps(mx);
         __m256 sumv = _mm256_setzero_ps();
         int64_t t = 0;
