@@ -63,6 +63,9 @@ class Envs:
     native_attention: bool
     native_lm_head: bool
     native_cache: str
+    # CPU weights and KV cache in 2 MB pages (shoal/worker/huge_pages.py); off with
+    # SHOAL_HUGE_PAGES=0 (A/B runs).
+    huge_pages: bool
 
 
 def _read() -> Envs:
@@ -85,6 +88,7 @@ def _read() -> Envs:
         native_lm_head=_bool("SHOAL_NATIVE_LM_HEAD", True),
         native_cache=os.environ.get("SHOAL_NATIVE_CACHE")
         or os.path.join(os.path.expanduser("~/.cache"), "shoal", "native"),
+        huge_pages=_bool("SHOAL_HUGE_PAGES", True),
     )
 
 

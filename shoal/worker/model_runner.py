@@ -15,6 +15,7 @@ from shoal.model.arch import ArchConfig, arch_from_source
 from shoal.model.attention import AttentionMetadata, build_attention_metadata
 from shoal.model.loader import load_model, resolve_device, resolve_dtype
 from shoal.model_source import resolve_model
+from shoal.worker import huge_pages
 from shoal.worker.buffers import CpuGpuBuffer, copy_slice
 from shoal.worker.input_batch import (
     RequestState,
@@ -81,6 +82,11 @@ class ModelRunner:
         self.model = load_model(
             config.model, source, self.arch, self.max_model_len, self.dtype, self.device
         )
+        if huge_pages.enabled(self.device):
+            moved = huge_pages.move_module(self.model)
+            self.model._fused_list = self.model._packed_head = None  # held the old tensors
+            if moved:
+                logger.info("weights: %.1f MiB in 2 MB pages", moved / 2**20)
         # Weights, whatever their storage (int8 linears keep theirs in buffers).
         num_params = sum(t.numel() for t in (*self.model.parameters(), *self.model.buffers()))
         self._large_step_tokens = max(1, LARGE_STEP_FLOP // (2 * max(num_params, 1)))
@@ -107,10 +113,16 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the cache: per layer a view [2, num_blocks, block_size, num_kv_heads,
         head_dim] of one zeroed tensor (zeros: never-written slots must not hold NaN, since
-        masked keys still meet the values in attention's matmul)."""
+        masked keys still meet the values in attention's matmul), on CPU in 2 MB pages
+        (`huge_pages`)."""
         a = self.arch
         shape = (a.num_layers, 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        kv = huge_pages.zeros_like_shape(shape, self.kv_dtype) if huge_pages.enabled(
+            self.device
+        ) else None  # fmt: skip
+        self.kv_cache = (
+            kv if kv is not None else torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        )
         self.kv_caches = list(self.kv_cache.unbind(0))
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f MiB (%s)",
