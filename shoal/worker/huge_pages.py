@@ -66,47 +66,37 @@ def zeros_like_shape(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
 
 def move_module(module: nn.Module) -> int:
     """Move every CPU parameter and buffer of at least MIN_MOVED_BYTES into one 2 MB-page
-    arena (copied, then rebound in its module), in module order so that what a step reads in
-    sequence lies in sequence. Returns the bytes moved (0 if the arena could not be made).
-    Whatever caches these tensors' identities (a fused parameter list) must be rebuilt."""
-    moves: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
-    seen: set[int] = set()
+    arena (copied, then rebound in every module that holds it), in module order so that what
+    a step reads in sequence lies in sequence. Returns the bytes moved (0 if the arena could
+    not be made). Each old tensor is released as soon as it is copied, and the arena's pages
+    are only touched as it fills, so memory peaks near one copy of the weights as long as
+    nothing else holds them: whatever caches these tensors (a fused parameter list) must be
+    dropped before and rebuilt after."""
+    # Each tensor once, with every (module, name, is_parameter) that holds it.
+    tensors: dict[int, tuple[torch.Tensor, list[tuple[nn.Module, str, bool]]]] = {}
     for sub in module.modules():
         for is_param, table in ((True, sub._parameters), (False, sub._buffers)):
             for name, t in table.items():
-                if (
-                    t is None
-                    or t.device.type != "cpu"
-                    or not t.is_contiguous()
-                    or t.nbytes < MIN_MOVED_BYTES
-                    or id(t) in seen
-                ):
+                if t is None or t.device.type != "cpu" or not t.is_contiguous():
                     continue
-                seen.add(id(t))
-                moves.append((sub, name, is_param, t))
-    if not moves:
+                if t.nbytes >= MIN_MOVED_BYTES:
+                    tensors.setdefault(id(t), (t, []))[1].append((sub, name, is_param))
+    if not tensors:
         return 0
-    aligned = [-(-t.nbytes // 64) * 64 for _, _, _, t in moves]
-    arena = zeros(sum(aligned))
+    sizes = [-(-t.nbytes // 64) * 64 for t, _ in tensors.values()]
+    arena = zeros(sum(sizes))
     if arena is None:
         return 0
     offset = 0
-    moved: dict[int, torch.Tensor] = {}
-    for (sub, name, is_param, t), size in zip(moves, aligned, strict=True):
+    for key, size in zip(list(tensors), sizes, strict=True):
+        t, holders = tensors.pop(key)
         new = arena[offset : offset + t.nbytes].view(t.dtype).view(t.shape)
         new.copy_(t)
         offset += size
-        moved[id(t)] = new
-        if is_param:
-            sub._parameters[name] = nn.Parameter(new, requires_grad=False)
-        else:
-            sub._buffers[name] = new
-    # A tensor held by several modules (tied weights) was moved once: rebind the others.
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None and id(p) in moved:
-                sub._parameters[name] = nn.Parameter(moved[id(p)], requires_grad=False)
-        for name, b in list(sub._buffers.items()):
-            if b is not None and id(b) in moved:
-                sub._buffers[name] = moved[id(b)]
+        for sub, name, is_param in holders:
+            if is_param:
+                sub._parameters[name] = nn.Parameter(new, requires_grad=False)
+            else:
+                sub._buffers[name] = new
+        del t, holders  # the old tensor goes now unless something else holds it
     return offset

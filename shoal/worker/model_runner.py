@@ -83,8 +83,10 @@ class ModelRunner:
             config.model, source, self.arch, self.max_model_len, self.dtype, self.device
         )
         if huge_pages.enabled(self.device):
+            # Dropped first: they hold the old tensors, which then go as each one is moved
+            # (the arena's pages are only touched as it fills), so memory peaks near one copy.
+            self.model._fused_list = self.model._packed_head = None
             moved = huge_pages.move_module(self.model)
-            self.model._fused_list = self.model._packed_head = None  # held the old tensors
             if moved:
                 logger.info("weights: %.1f MiB in 2 MB pages", moved / 2**20)
         # Weights, whatever their storage (int8 linears keep theirs in buffers).
