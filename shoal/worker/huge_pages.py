@@ -55,7 +55,7 @@ def zeros(nbytes: int) -> torch.Tensor | None:
     return whole[start : start + nbytes]
 
 
-def zeros_like_shape(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+def zeros_shaped(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
     """`torch.zeros(shape, dtype=dtype)` in 2 MB pages (see `zeros`), or None."""
     count = 1
     for size in shape:

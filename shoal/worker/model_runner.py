@@ -119,12 +119,12 @@ class ModelRunner:
         (`huge_pages`)."""
         a = self.arch
         shape = (a.num_layers, 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        kv = huge_pages.zeros_like_shape(shape, self.kv_dtype) if huge_pages.enabled(
-            self.device
-        ) else None  # fmt: skip
-        self.kv_cache = (
-            kv if kv is not None else torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        )
+        kv = None
+        if huge_pages.enabled(self.device):
+            kv = huge_pages.zeros_shaped(shape, self.kv_dtype)
+        if kv is None:
+            kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.kv_cache = kv
         self.kv_caches = list(self.kv_cache.unbind(0))
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f MiB (%s)",

@@ -25,7 +25,7 @@ def _thp_mode() -> str:
 
 
 def test_zeros_are_aligned_zeroed_and_outlive_their_mapping_handle() -> None:
-    t = huge_pages.zeros_like_shape((3, 1000, 700), torch.float16)
+    t = huge_pages.zeros_shaped((3, 1000, 700), torch.float16)
     assert t is not None and t.shape == (3, 1000, 700) and t.dtype == torch.float16
     assert t.data_ptr() % huge_pages.HUGE_PAGE == 0
     assert t.count_nonzero() == 0
