@@ -39,8 +39,15 @@ class EngineCore:
         `kv_cache_memory_bytes` holds. `max_model_len` is the model's, capped to what the
         KV cache can hold for one request. `ValueError` for settings that cannot work.
         """
+        # How the OpenMP threads wait is fixed when torch is first imported: choose it now.
+        from shoal.openmp_policy import configure_engine
+
+        omp_policy = configure_engine(config)
         # Imported here: importing shoal.core must not import torch.
         from shoal.worker.model_runner import ModelRunner
+
+        if omp_policy:
+            logger.info("OpenMP threads wait with %s", omp_policy)
 
         self.config = config
         self.engine_index = engine_index

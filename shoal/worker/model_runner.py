@@ -15,6 +15,7 @@ from shoal.model.arch import ArchConfig, arch_from_source
 from shoal.model.attention import AttentionMetadata, build_attention_metadata
 from shoal.model.loader import load_model, resolve_device, resolve_dtype
 from shoal.model_source import resolve_model
+from shoal.openmp_policy import FRONTEND_BUSY_TOKENS_PER_S
 from shoal.worker import huge_pages
 from shoal.worker.buffers import CpuGpuBuffer, copy_slice
 from shoal.worker.input_batch import (
@@ -313,7 +314,8 @@ LARGE_STEP_FLOP = 13 * 10**9
 # token costs an API server ~50-150 us of CPU (docs/performance.md), so below ~2,000 tokens/s
 # (the default model at any concurrency on 2 cores) they need under a quarter of a core and the
 # engine takes every core for every step; above it (the tiny test model) small steps leave one.
-FRONTEND_BUSY_TOKENS_PER_S = 2000.0
+# FRONTEND_BUSY_TOKENS_PER_S lives with the OpenMP wait policy, which draws the same line
+# (shoal/openmp_policy.py).
 
 
 class TokenRate:
