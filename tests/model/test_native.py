@@ -15,14 +15,21 @@ from shoal.model import attention
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, HEADS = 48, 16, 3, 64, 9
 
 
-def _case(lens: list[int], seed: int = 0, head_dim: int = HEAD_DIM, heads=HEADS, kv_heads=KV_HEADS):
+def _case(
+    lens: list[int],
+    seed: int = 0,
+    head_dim: int = HEAD_DIM,
+    heads=HEADS,
+    kv_heads=KV_HEADS,
+    num_blocks=NUM_BLOCKS,
+):
     g = torch.Generator().manual_seed(seed)
-    cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, generator=g)
+    cache = torch.randn(2, num_blocks, BLOCK_SIZE, kv_heads, head_dim, generator=g)
     max_blocks = -(-max(lens) // BLOCK_SIZE)
     # Each request's own blocks scattered over the cache, rows padded with block 0; the table
     # is a column slice of a wider buffer (row stride != width), as the model runner passes it.
     table = torch.zeros(len(lens), max_blocks + 3, dtype=torch.int64)
-    free = torch.randperm(NUM_BLOCKS - 1, generator=g) + 1
+    free = torch.randperm(num_blocks - 1, generator=g) + 1
     for r, n in enumerate(lens):
         blocks, free = free[: -(-n // BLOCK_SIZE)], free[-(-n // BLOCK_SIZE) :]
         table[r, : blocks.numel()] = blocks
@@ -71,6 +78,28 @@ def test_decode_attention_matches_the_torch_path(kernels, window) -> None:
         q, poisoned, table, seq_lens, HEAD_DIM**-0.5, window or 0
     )
     assert torch.equal(again, got)
+
+
+@pytest.mark.parametrize("window", [None, 3, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_over_many_keys(kernels, window, dtype) -> None:
+    """Over ~1 MB of keys and values a call also prefetches rows far ahead into L2, and the
+    start of each thread's next request (its sliding window's start): same results as the
+    torch path, and bit for bit what each request gets alone (under 1 MB: no far prefetch)."""
+    lens = [1, 300, 5, 17, 250, 64, 700, 2, 129]
+    q, cache, table, seq_lens = _case(lens, seed=4, num_blocks=128)
+    cache = cache.to(dtype)
+    assert sum(lens) * KV_HEADS * HEAD_DIM * cache.element_size() * 2 > 2**20
+    scale = HEAD_DIM**-0.5
+    got = kernels.paged_decode_attention(q, cache, table, seq_lens, scale, window or 0)
+    torch.testing.assert_close(
+        got, _torch_path(q, cache, table, seq_lens, window), rtol=1e-5, atol=1e-5
+    )
+    for r in range(len(lens)):
+        alone = kernels.paged_decode_attention(
+            q[r : r + 1], cache, table[r : r + 1], seq_lens[r : r + 1], scale, window or 0
+        )
+        assert torch.equal(alone[0], got[r]), r
 
 
 @pytest.mark.parametrize(
