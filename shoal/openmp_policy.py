@@ -6,8 +6,8 @@ imported. A thread that has done its share of a parallel op either polls for the
 
 - Sleeping costs a wake-up per parallel op: a decode step of the default model runs ~300 of
   them (every layer's linears, norms, attention), and on this 2-vCPU VM each wake of a
-  sleeping thread cost ~7-9 us, more when its vCPU had gone idle. Served at c=1 the engine
-  ran 62-70 output tok/s sleeping against 67-83 spinning (docs/performance.md).
+  sleeping thread cost ~7-9 us, more when its vCPU had gone idle. Spinning briefly made the
+  served default model ~10% faster at c=1 and c=16 (docs/engine-runner.md, "CPU threads").
 - Spinning is a disaster when the engine's cores are shared: a thread polls while the peer it
   waits for is descheduled. libgomp's default (300,000 polls, ~8 ms here) made single ops
   10-100x slower on 2 busy cores, and it cost the tiny test model 13% at c=64, where the API
@@ -45,6 +45,12 @@ CPU_FLOP_PER_S_PER_CORE = 1e11
 _USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
+def _settled() -> bool:
+    """True when the policy can no longer be chosen here: torch (and with it libgomp) is
+    imported, or the user set it."""
+    return "torch" in sys.modules or any(v in os.environ for v in _USER_VARIABLES)
+
+
 def flop_per_token(arch: ArchConfig) -> int:
     """Matmul FLOPs of one token through the layers and the LM head (2 per weight)."""
     h, d = arch.hidden_size, arch.head_dim
@@ -71,7 +77,7 @@ def set_wait_policy(spin_count: int | None) -> str | None:
     """Set the environment libgomp reads when torch is imported: `GOMP_SPINCOUNT=spin_count`,
     or `OMP_WAIT_POLICY=PASSIVE` for None. Does nothing, and returns None, once torch is
     imported (too late) or when the user set either variable; else returns what it set."""
-    if "torch" in sys.modules or any(v in os.environ for v in _USER_VARIABLES):
+    if _settled():
         return None
     if spin_count is None:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -83,7 +89,7 @@ def set_wait_policy(spin_count: int | None) -> str | None:
 def configure_engine(config: ShoalConfig) -> str | None:
     """`set_wait_policy` for an engine of `config`, before it imports torch. A model that
     cannot be read here gets PASSIVE (loading it will report the error)."""
-    if "torch" in sys.modules or any(v in os.environ for v in _USER_VARIABLES):
+    if _settled():  # before reading the model's header for nothing
         return None
     try:
         from shoal.model.arch import load_arch_config
