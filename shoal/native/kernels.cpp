@@ -531,7 +531,11 @@ inline float dot(const float* a, const T* b, int64_t d) {
   }
   for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
   float s = hsum_ps(_mm256_add_ps(acc0, acc1));
-  for (; i < d; i++) s += a[i] * load1(b + i);
+  // Explicit fma in the scalar tails: left as `s += a * b`, GCC's contraction and its
+  // vectorizer choose per element type and per target (with AVX-512 it split the float tail
+  // into a vector multiply and scalar adds but fused the float16 one), and the two cache
+  // dtypes stopped giving the same bits.
+  for (; i < d; i++) s = std::fma(a[i], load1(b + i), s);
   return s;
 }
 
@@ -542,7 +546,7 @@ inline void axpy(float* out, float p, const T* v, int64_t d) {
   int64_t i = 0;
   for (; i + 8 <= d; i += 8)
     _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(out + i)));
-  for (; i < d; i++) out[i] += p * load1(v + i);
+  for (; i < d; i++) out[i] = std::fma(p, load1(v + i), out[i]);
 }
 
 // acc[c][j] = 0 for the C x 4 accumulators of the GQA attention tiles (fully unrolled, so
