@@ -58,11 +58,14 @@ class Envs:
     # Native CPU kernels (shoal/native): off with SHOAL_NATIVE=0 (int8 then unavailable,
     # attention on torch ops); SHOAL_NATIVE_ATTENTION=0 keeps them for int8 but not for
     # decode attention (A/B runs); SHOAL_NATIVE_LM_HEAD=0 likewise for the greedy LM head
-    # (argmax without logits). Build cache directory.
+    # (argmax without logits). Build cache directory. The compiler's -march for the build
+    # (SHOAL_NATIVE_MARCH, default "native": this CPU; e.g. x86-64-v3 for a build without
+    # AVX-512 that any AVX2 machine runs).
     native: bool
     native_attention: bool
     native_lm_head: bool
     native_cache: str
+    native_march: str
     # CPU weights and KV cache in 2 MB pages (shoal/worker/huge_pages.py); off with
     # SHOAL_HUGE_PAGES=0 (A/B runs).
     huge_pages: bool
@@ -88,6 +91,7 @@ def _read() -> Envs:
         native_lm_head=_bool("SHOAL_NATIVE_LM_HEAD", True),
         native_cache=os.environ.get("SHOAL_NATIVE_CACHE")
         or os.path.join(os.path.expanduser("~/.cache"), "shoal", "native"),
+        native_march=os.environ.get("SHOAL_NATIVE_MARCH") or "native",
         huge_pages=_bool("SHOAL_HUGE_PAGES", True),
     )
 

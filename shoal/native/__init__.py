@@ -3,8 +3,11 @@
 `load()` returns the compiled module, or None when it cannot be had here (no AVX2/FMA, no C++
 compiler, `SHOAL_NATIVE=0`); `unavailable_reason()` then says why. The build (about 40 s on
 2 cores) goes to `SHOAL_NATIVE_CACHE` (default `~/.cache/shoal/native`), under a name that
-hashes the sources, the torch version and this CPU's flags, so a changed kernel, torch or
-machine rebuilds and an unchanged one loads in well under a second. `scripts/bootstrap.sh`
+hashes the sources, the torch version, this CPU's flags and the target (`-march`,
+`SHOAL_NATIVE_MARCH`, default `native`), so a changed kernel, torch or machine rebuilds and an
+unchanged one loads in well under a second. The module's `vnni` attribute says whether its
+integer kernels use AVX-512 VNNI (shoal/native/shared.h); `build(march)` compiles another
+target beside it (tests compare an AVX2-only build with the native one bit for bit). `scripts/bootstrap.sh`
 builds it ahead (`python -m shoal.native`), so neither `shoal serve` nor the tests pay for it.
 Processes that build at once wait on torch's lock file in the build directory.
 
@@ -33,6 +36,10 @@ SOURCE = Path(__file__).with_name("kernels.cpp")  # holds PYBIND11_MODULE
 EXTRA_SOURCES = (Path(__file__).with_name("q4.cpp"),)
 # Included by the sources: part of the build hash, not compiled on their own.
 HEADERS = (Path(__file__).with_name("shared.h"),)
+# -ffp-contract=off: no product is fused into an add unless the source says so (an fma
+# intrinsic or std::fma). GCC otherwise decides per target and per loop, and a build with
+# AVX-512 rounded some scalar tails differently from an AVX2 one.
+_CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG")
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")  # f16c: q4.cpp's float16 block scales
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -51,11 +58,16 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def build_name() -> str:
-    """The extension's module name: changes with the source, torch and the CPU's flags."""
+def build_name(march: str | None = None) -> str:
+    """The extension's module name: changes with the source, torch, the CPU's flags and the
+    target (`march`, default SHOAL_NATIVE_MARCH)."""
     import torch
 
+    march = march or envs.refresh().native_march
     h = hashlib.sha256()
+    h.update(" ".join(_CFLAGS).encode())
+    if march != "native":  # (keeps the default build's name as it was)
+        h.update(f"-march={march}".encode())
     for source in (*_sources(), *HEADERS):
         h.update(source.read_bytes())
     h.update(torch.__version__.encode())
@@ -68,8 +80,8 @@ def _sources() -> list[Path]:
     return [SOURCE, *EXTRA_SOURCES]
 
 
-def build_dir() -> Path:
-    return Path(envs.refresh().native_cache) / build_name()
+def build_dir(march: str | None = None) -> Path:
+    return Path(envs.refresh().native_cache) / build_name(march)
 
 
 def _check_machine() -> str | None:
@@ -83,10 +95,14 @@ def _check_machine() -> str | None:
     return None
 
 
-def _build() -> ModuleType:
+def build(march: str | None = None) -> ModuleType:
+    """Compile (or load the cached build of) the kernels for `march` (default
+    SHOAL_NATIVE_MARCH) and import it. Raises when the compiler fails; several targets can be
+    loaded in one process (their module names differ)."""
     from torch.utils.cpp_extension import load as load_extension
 
-    directory = build_dir()
+    march = march or envs.refresh().native_march
+    directory = build_dir(march)
     directory.mkdir(parents=True, exist_ok=True)
     name = directory.name
     fresh = not any(directory.glob(f"{name}*.so"))
@@ -97,7 +113,7 @@ def _build() -> ModuleType:
         name=name,
         sources=[str(source) for source in _sources()],
         build_directory=str(directory),
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+        extra_cflags=[*_CFLAGS, f"-march={march}"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
@@ -117,11 +133,17 @@ def load() -> ModuleType | None:
         _reason = _check_machine()
         if _reason is None:
             try:
-                _module = _build()
+                _module = build()
             except Exception as e:  # a missing compiler, a failed build: fall back
                 _reason = f"build failed: {type(e).__name__}: {str(e).strip()[-500:]}"
         if _module is None:
             logger.info("native kernels not used: %s", _reason)
+        else:
+            logger.debug(
+                "native kernels loaded (-march=%s; int8 dot products: %s)",
+                envs.ENVS.native_march,
+                "AVX-512 VNNI" if _module.vnni else "AVX2",
+            )
         return _module
 
 

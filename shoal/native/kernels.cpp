@@ -223,6 +223,87 @@ inline void int8_main_5x2(const uint8_t* a, int64_t K4, const int8_t* w, int64_t
   acc[2][1] = c21; acc[3][0] = c30; acc[3][1] = c31; acc[4][0] = c40; acc[4][1] = c41;
 }
 
+// The main loop with VNNI (shared.h): one vpdpbusd per row and panel for every 4 input
+// channels, the same int32 sums as vpmaddubsw + vpmaddwd + vpaddd. With 32 registers the
+// tile is up to 5 rows x 4 panels: row r's 4 accumulators in ymm(4r) .. ymm(4r + 3), the 4
+// weight vectors in ymm27-30, the broadcast row bytes in ymm31. The loop is assembly with
+// fixed registers: GCC 12 gives the vpdpbusd intrinsic only ymm0-15 as its accumulator and
+// shuffled the intrinsic loop's accumulators through the upper registers and the stack on
+// every step, and 20 accumulators as asm operands exceed GCC's 30-operand limit. So the
+// assembly zeroes them itself and stores them to `out` ([MT][4] x 8 int32) once at the end.
+#if SHOAL_VNNI
+#define SHOAL_VROW(ADDR, A, B, C, D)                 \
+  "vpbroadcastd " ADDR ", %%ymm31\n\t"               \
+  "vpdpbusd %%ymm27, %%ymm31, %%ymm" A "\n\t"        \
+  "vpdpbusd %%ymm28, %%ymm31, %%ymm" B "\n\t"        \
+  "vpdpbusd %%ymm29, %%ymm31, %%ymm" C "\n\t"        \
+  "vpdpbusd %%ymm30, %%ymm31, %%ymm" D "\n\t"
+#define SHOAL_VROWS1 SHOAL_VROW("(%[a0])", "0", "1", "2", "3")
+#define SHOAL_VROWS2 SHOAL_VROWS1 SHOAL_VROW("(%[a0], %[k4])", "4", "5", "6", "7")
+#define SHOAL_VROWS3 SHOAL_VROWS2 SHOAL_VROW("(%[a0], %[k4], 2)", "8", "9", "10", "11")
+#define SHOAL_VROWS4 SHOAL_VROWS3 SHOAL_VROW("(%[a0], %[k4x3])", "12", "13", "14", "15")
+#define SHOAL_VROWS5 SHOAL_VROWS4 SHOAL_VROW("(%[a0], %[k4], 4)", "16", "17", "18", "19")
+#define SHOAL_VZERO(A, B, C, D)                                                  \
+  "vpxord %%ymm" A ", %%ymm" A ", %%ymm" A "\n\t"                                \
+  "vpxord %%ymm" B ", %%ymm" B ", %%ymm" B "\n\t"                                \
+  "vpxord %%ymm" C ", %%ymm" C ", %%ymm" C "\n\t"                                \
+  "vpxord %%ymm" D ", %%ymm" D ", %%ymm" D "\n\t"
+#define SHOAL_VZERO1 SHOAL_VZERO("0", "1", "2", "3")
+#define SHOAL_VZERO2 SHOAL_VZERO1 SHOAL_VZERO("4", "5", "6", "7")
+#define SHOAL_VZERO3 SHOAL_VZERO2 SHOAL_VZERO("8", "9", "10", "11")
+#define SHOAL_VZERO4 SHOAL_VZERO3 SHOAL_VZERO("12", "13", "14", "15")
+#define SHOAL_VZERO5 SHOAL_VZERO4 SHOAL_VZERO("16", "17", "18", "19")
+#define SHOAL_VSTORE(OFF, A, B, C, D)                \
+  "vmovdqu32 %%ymm" A ", " OFF "+0(%[out])\n\t"        \
+  "vmovdqu32 %%ymm" B ", " OFF "+32(%[out])\n\t"       \
+  "vmovdqu32 %%ymm" C ", " OFF "+64(%[out])\n\t"       \
+  "vmovdqu32 %%ymm" D ", " OFF "+96(%[out])\n\t"
+#define SHOAL_VSTORE1 SHOAL_VSTORE("0", "0", "1", "2", "3")
+#define SHOAL_VSTORE2 SHOAL_VSTORE1 SHOAL_VSTORE("128", "4", "5", "6", "7")
+#define SHOAL_VSTORE3 SHOAL_VSTORE2 SHOAL_VSTORE("256", "8", "9", "10", "11")
+#define SHOAL_VSTORE4 SHOAL_VSTORE3 SHOAL_VSTORE("384", "12", "13", "14", "15")
+#define SHOAL_VSTORE5 SHOAL_VSTORE4 SHOAL_VSTORE("512", "16", "17", "18", "19")
+#define SHOAL_VNNI_TILE(R)                                                              \
+  asm volatile(SHOAL_VZERO##R                                                           \
+               "1:\n\t"                                                                 \
+               "vmovdqu32 (%[w]), %%ymm27\n\t"                                            \
+               "vmovdqu32 (%[w], %[panel]), %%ymm28\n\t"                                  \
+               "vmovdqu32 (%[w], %[panel], 2), %%ymm29\n\t"                               \
+               "vmovdqu32 (%[w], %[panel3]), %%ymm30\n\t"                                 \
+               SHOAL_VROWS##R                                                           \
+               "add $4, %[a0]\n\t"                                                      \
+               "add $32, %[w]\n\t"                                                      \
+               "dec %[n]\n\t"                                                           \
+               "jnz 1b\n\t"                                                             \
+               SHOAL_VSTORE##R                                                          \
+               : [a0] "+r"(a0), [w] "+r"(w), [n] "+r"(n)                                \
+               : [k4] "r"(K4), [k4x3] "r"(3 * K4), [panel] "r"(panel),                  \
+                 [panel3] "r"(3 * panel), [out] "r"(&acc[0][0])                         \
+               : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",   \
+                 "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16",  \
+                 "xmm17", "xmm18", "xmm19", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31", \
+                 "cc", "memory")
+#endif
+
+// acc[MT][4] = the tile's int32 sums (written, not accumulated into).
+template <int MT>
+inline void int8_main_vnni(const uint8_t* a, int64_t K4, const int8_t* w, int64_t panel,
+                           __m256i (&acc)[MT][4]) {
+#if SHOAL_VNNI
+  static_assert(MT >= 1 && MT <= 5, "tiles of 1 to 5 rows");
+  if (K4 <= 0) return;  // acc stays zero
+  const uint8_t* a0 = a;
+  int64_t n = K4 / 4;
+  if constexpr (MT == 5) SHOAL_VNNI_TILE(5);
+  else if constexpr (MT == 4) SHOAL_VNNI_TILE(4);
+  else if constexpr (MT == 3) SHOAL_VNNI_TILE(3);
+  else if constexpr (MT == 2) SHOAL_VNNI_TILE(2);
+  else SHOAL_VNNI_TILE(1);
+#else
+  (void)a, (void)K4, (void)w, (void)panel, (void)acc;
+#endif
+}
+
 // y[m0 .. m0 + MT, n0 .. n0 + 8 NV): MT rows against NV panels, n0 % 8 == 0, every panel
 // starting below N.
 template <int MT, int NV>
@@ -234,7 +315,9 @@ inline void int8_tile(const Int8Problem& p, int64_t m0, int64_t n0) {
   __m256i acc[MT][NV];
   for (int i = 0; i < MT; i++)
     for (int j = 0; j < NV; j++) acc[i][j] = _mm256_setzero_si256();
-  if constexpr (MT == 5 && NV == 2) {
+  if constexpr (SHOAL_VNNI && NV == 4) {
+    int8_main_vnni<MT>(a, K4, w, panel, acc);
+  } else if constexpr (MT == 5 && NV == 2) {
     int8_main_5x2(a, K4, w, panel, ones, acc);
   } else
   for (int64_t k = 0; k < K4; k += 4) {
@@ -439,10 +522,10 @@ void int8_run(const torch::Tensor& x, const torch::Tensor& w, const torch::Tenso
                       bias.has_value() ? bias->data_ptr<float>() : nullptr,
                       y, N, best, M};
 
-  // Blocks of 1-2 rows take 4 panels per tile (3 x 4 and 4 x 4 would not fit the 16
-  // registers). Work items: shared.h.
+  // Blocks of 1-2 rows take 4 panels per tile (3 x 4 and 4 x 4 would not fit AVX2's 16
+  // registers); with VNNI's 32 every block does. Work items: shared.h.
   shoal_native::for_each_work_item(M, N, [&](int64_t mb, int64_t me, int64_t nb, int64_t ne) {
-    if (me - mb > 2)
+    if (me - mb > 2 && !SHOAL_VNNI)
       int8_block<2>(p, mb, me, nb, ne);
     else
       int8_block<4>(p, mb, me, nb, ne);
@@ -889,7 +972,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
         a0 = _mm256_fmadd_ps(u, u, a0);
       }
       float ss = hsum_ps(_mm256_add_ps(a0, a1));
-      for (; i < K; i++) ss += xr[i] * xr[i];
+      for (; i < K; i++) ss = std::fma(xr[i], xr[i], ss);  // explicit: see dot()
       const float r_inv = 1.0f / std::sqrt(ss / static_cast<float>(K) + feps);
       const __m256 rv = _mm256_set1_ps(r_inv);
       i = 0;
@@ -1202,4 +1285,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lm_head_argmax", &lm_head_argmax, nogil,
         "greedy tokens: (argmax ids, max logits) of x W^T without writing the logits");
   register_q4(m);
+  m.attr("vnni") = shoal_native::kVnni;  // integer products with AVX-512 VNNI (shared.h)
 }

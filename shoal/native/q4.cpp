@@ -146,6 +146,41 @@ inline void q4_block_sums_1x4(const int8_t* a, const uint8_t* w0, int64_t stride
   isum[0][0] = s0; isum[0][1] = s1; isum[0][2] = s2; isum[0][3] = s3;
 }
 
+// One block's integer sums with VNNI (shared.h), MT rows x NV panels `stride` bytes apart:
+// vpdpbusd takes the unsigned weight nibbles and the signed activation bytes as they are and
+// adds 4 products straight into int32 lanes, so there are no int16 sums to widen and no
+// saturation bound to respect. GCC keeps these intrinsics in registers (8 int32 sums for 4 x
+// 2; the disassembly has no stack traffic in the block loop), so no assembly.
+template <int MT, int NV>
+inline void q4_block_sums_vnni(const int8_t* a, int64_t K, const uint8_t* w0, int64_t stride,
+                               __m256i low4, __m256i (&isum)[MT][NV]) {
+#if SHOAL_VNNI
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; g++) {
+    __m256i lo[NV], hi[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) {
+      const __m256i raw =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + j * stride + 32 * g));
+      lo[j] = _mm256_and_si256(raw, low4);
+      hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MT; i++) {
+      const __m256i a_lo = broadcast4(a + i * K + 8 * g);
+      const __m256i a_hi = broadcast4(a + i * K + 8 * g + 4);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) {
+        isum[i][j] = _mm256_dpbusd_epi32(isum[i][j], lo[j], a_lo);
+        isum[i][j] = _mm256_dpbusd_epi32(isum[i][j], hi[j], a_hi);
+      }
+    }
+  }
+#else
+  (void)a, (void)K, (void)w0, (void)stride, (void)low4, (void)isum;
+#endif
+}
+
 // y[m0 .. m0 + MT, n0 .. n0 + 8 NV): MT rows against NV panels (n0 % 8 == 0, every panel
 // starting below N).
 template <int MT, int NV>
@@ -162,7 +197,10 @@ inline void q4_tile(const Q4Problem& p, int64_t m0, int64_t n0) {
     for (int i = 0; i < MT; i++)
       for (int j = 0; j < NV; j++) isum[i][j] = _mm256_setzero_si256();
     const int8_t* ab = p.a + m0 * K + b * kBlock;
-    if constexpr (MT == 4 && NV == 2) {
+    if constexpr (SHOAL_VNNI) {
+      q4_block_sums_vnni<MT, NV>(ab, K, w + b * kRecord + kScaleBytes, KB * kRecord, low4,
+                                 isum);
+    } else if constexpr (MT == 4 && NV == 2) {
       q4_block_sums_4x2(ab, K, w + b * kRecord + kScaleBytes, w + (KB + b) * kRecord + kScaleBytes,
                         low4, isum);
     } else if constexpr (MT == 1 && NV == 4) {
@@ -192,7 +230,9 @@ inline void q4_tile(const Q4Problem& p, int64_t m0, int64_t n0) {
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16)));
       for (int i = 0; i < MT; i++) {
         const int64_t rb = (m0 + i) * KB + b;
-        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[i][j], ones));
+        // Without VNNI the block's sums are int16 pairs, widened here; with it, int32 already.
+        const __m256 sums = _mm256_cvtepi32_ps(SHOAL_VNNI ? isum[i][j]
+                                                          : _mm256_madd_epi16(isum[i][j], ones));
         acc[i][j] = _mm256_fmadd_ps(sums, _mm256_mul_ps(d, _mm256_set1_ps(p.dx[rb])), acc[i][j]);
         acc[i][j] = _mm256_fmadd_ps(mn, _mm256_set1_ps(p.s[rb]), acc[i][j]);
       }

@@ -10,7 +10,22 @@
 #include <cstdint>
 #include <vector>
 
+// AVX-512 VNNI with 256-bit vectors (Zen 4, Ice Lake and later): vpdpbusd multiplies 4 pairs
+// of bytes (uint8 x int8) and adds them to an int32 lane in one instruction, where AVX2 needs
+// vpmaddubsw + vpmaddwd + vpaddd. The integer sums are exact either way, so a kernel built
+// with it gives the same bits as one built without (tests/model/test_native_targets.py
+// builds both and compares). AVX512VL also gives 32 vector registers instead of 16, room for
+// bigger register tiles.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define SHOAL_VNNI 1
+#else
+#define SHOAL_VNNI 0
+#endif
+
 namespace shoal_native {
+
+// Which integer dot-product path this build compiled (shoal.native.describe_build()).
+constexpr bool kVnni = SHOAL_VNNI;
 
 // Lanes of output channels n .. n + 7 that exist (the last panel may be partial).
 inline __m256i lane_mask(int64_t n, int64_t N) {
