@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ class ServerSpec:
     num_api_servers: int
     workloads: list[Workload]
     extra_args: list[str] = field(default_factory=list)
+    server_args: str = ""  # --server-args, for shoal servers only
     startup_timeout_s: float = 300.0
 
 
@@ -116,6 +118,10 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
             ["--quantization", "int8", "--kv-cache-dtype", "float32"],
         ),
     ]
+    for spec in specs:
+        if spec.kind == "shoal" and args.server_args:
+            spec.server_args = args.server_args
+            spec.model_label += f", {args.server_args}"
     if args.concurrency:
         wanted = {int(c) for c in args.concurrency.split(",")}
         for spec in specs:
@@ -148,6 +154,7 @@ def server_argv(spec: ServerSpec, host: str, port: int) -> list[str]:
         "shoal.cli",
         "serve",
         *spec.extra_args,
+        *shlex.split(spec.server_args),
         "--host",
         host,
         "--port",
@@ -331,6 +338,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="tokens per chunk of the tinysi-1 server (`shoal serve --stream-interval`; the "
         "other servers send one per token) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--server-args",
+        default="",
+        help="more `shoal serve` flags for every shoal server, e.g. '--max-num-batched-tokens 512'",
     )
     p.add_argument("--only", default=None, help="servers to run: bare, tiny, default, tiny-2, ...")
     p.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))

@@ -91,7 +91,9 @@ def add_engine_args(g: ArgGroup) -> None:
         "--max-num-batched-tokens",
         type=int,
         default=config_default(SchedulerConfig, "max_num_batched_tokens"),
-        help="token budget of one engine step (default: %(default)s)",
+        help="token budget of one engine step: prompt chunks plus one token per running "
+        "request (default: 512 on CPU, 2048 on CUDA; a larger budget prefills a burst of "
+        "prompts in fewer, longer steps)",
     )
     g.add_argument(
         "--block-size",

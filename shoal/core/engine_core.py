@@ -72,7 +72,9 @@ class EngineCore:
                 num_blocks,
                 block_size,
             )
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, max_model_len)
+        self.scheduler = Scheduler(
+            self.model_runner.scheduler_config, config.cache, num_blocks, max_model_len
+        )
         self._pending_outputs: list[EngineCoreOutput] = []
         logger.info(
             "KV cache: %d blocks x %d tokens = %d token slots (%.2fx requests of max_model_len "

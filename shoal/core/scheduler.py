@@ -110,15 +110,13 @@ class Scheduler:
                 f"num_blocks: {num_blocks} blocks of {cache_config.block_size} tokens cannot "
                 f"hold one request of max_model_len={max_model_len} tokens"
             )
-        if (
-            not scheduler_config.enable_chunked_prefill
-            and scheduler_config.max_num_batched_tokens < max_model_len
-        ):
+        budget = scheduler_config.token_budget("cpu", max_model_len)  # (None: the CPU's)
+        if not scheduler_config.enable_chunked_prefill and budget < max_model_len:
             raise ValueError(
                 "--max-num-batched-tokens: must be at least max_model_len "
                 f"({max_model_len}) when chunked prefill is disabled"
             )
-        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.max_num_batched_tokens = budget
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
         self.max_model_len = max_model_len

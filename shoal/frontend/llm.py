@@ -119,7 +119,7 @@ class LLM:
         load_format: str = _default(ModelConfig, "load_format"),
         max_model_len: int | None = None,
         max_num_seqs: int = _default(SchedulerConfig, "max_num_seqs"),
-        max_num_batched_tokens: int = _default(SchedulerConfig, "max_num_batched_tokens"),
+        max_num_batched_tokens: int | None = _default(SchedulerConfig, "max_num_batched_tokens"),
         block_size: int = _default(CacheConfig, "block_size"),
         num_blocks: int | None = None,
         kv_cache_memory_bytes: int = _default(CacheConfig, "kv_cache_memory_bytes"),

@@ -87,6 +87,24 @@ def _native_lm_head_kernels() -> Any:
 _native_lm_head: Any = False  # not looked up yet
 
 
+def _pack_lm_head_bf16(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[V, K] float32 -> the native `lm_head_argmax_bf16`'s copies: the bf16 panels
+    [ceil(V / 16), ceil(K / 2), 16] int32, each the bf16 (round to nearest even) weights of
+    inputs 2k (low half) and 2k + 1 of one vocabulary row, and the panels' row norms
+    [ceil(V / 16), 2, 16] float32: ||w~_v|| and ||w~_v - w_v|| (w~ the bf16 row), zero-padded."""
+    vocab, hidden = weight.shape
+    panels, pairs = -(-vocab // 16), -(-hidden // 2)
+    buf = torch.zeros(panels * 16, pairs * 2, dtype=torch.bfloat16)
+    rounded = weight.to(torch.bfloat16)
+    buf[:vocab, :hidden] = rounded
+    bf16 = buf.view(panels, 16, pairs, 2).transpose(1, 2).contiguous().view(torch.int32)
+    norms = torch.zeros(2, panels * 16, dtype=torch.float64)
+    r = rounded.double()
+    norms[0, :vocab] = r.norm(dim=1)
+    norms[1, :vocab] = (r - weight.double()).norm(dim=1)
+    return bf16.squeeze(-1), norms.float().view(2, panels, 16).transpose(0, 1).contiguous()
+
+
 def _native_elementwise(x: torch.Tensor) -> Any:
     """The native kernels for RMSNorm and SiLU * up on float32 CPU tensors, else None.
 
@@ -384,8 +402,11 @@ class LlamaForCausalLM(nn.Module):
         if not arch.tie_word_embeddings:
             self.lm_head = Linear(arch.hidden_size, arch.vocab_size, False, spec)
         self._fused_list: list[torch.Tensor] | None = None  # see _fused_params
-        # (weight, its version, its packed copy) for greedy_token_ids; see there.
-        self._packed_head: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        # (weight, its version, its packed copy, its bf16 copies or None) for
+        # greedy_token_ids; see there.
+        self._packed_head: (
+            tuple[torch.Tensor, int, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None
+        ) = None
         self.requires_grad_(False)
 
     def forward(
@@ -473,8 +494,13 @@ class LlamaForCausalLM(nn.Module):
             return None
         cached = self._packed_head
         if cached is None or cached[0] is not weight or cached[1] != weight._version:
-            self._packed_head = cached = (weight, weight._version, kernels.pack_lm_head(weight))
-        ids, _ = kernels.lm_head_argmax(hidden, cached[2], weight.shape[0])
+            bf16 = _pack_lm_head_bf16(weight) if kernels.bf16 else None
+            panels = kernels.pack_lm_head(weight)
+            self._packed_head = cached = (weight, weight._version, panels, bf16)
+        if cached[3] is not None:
+            ids, _ = kernels.lm_head_argmax_bf16(hidden, *cached[3], cached[2], weight.shape[0])
+        else:
+            ids, _ = kernels.lm_head_argmax(hidden, cached[2], weight.shape[0])
         return ids.tolist()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -96,8 +96,12 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         max_blocks_per_req = -(-self.max_model_len // self.block_size)
         self.requests = RequestTable(config.scheduler.max_num_seqs, max_blocks_per_req)
+        # The step token budget made concrete for this device (the engine's scheduler uses
+        # this one too).
+        self.scheduler_config = config.scheduler.resolved(self.device.type, self.max_model_len)
+        assert self.scheduler_config.max_num_batched_tokens is not None
         self._allocate_buffers(
-            config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs
+            self.scheduler_config.max_num_batched_tokens, config.scheduler.max_num_seqs
         )
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
 

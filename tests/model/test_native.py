@@ -341,6 +341,59 @@ def test_lm_head_argmax_ties_padding_and_threads(kernels) -> None:
         kernels.lm_head_argmax(x[:, :16], packed, vocab)
 
 
+def _bf16_head(w: torch.Tensor):
+    from shoal.model.llama import _pack_lm_head_bf16
+
+    return _pack_lm_head_bf16(w)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "hidden", "rows"), [(49152, 64, 64), (4099, 576, 37), (37, 13, 5), (1000, 63, 16)]
+)
+def test_lm_head_argmax_bf16_is_lm_head_argmax(kernels, vocab, hidden, rows) -> None:
+    """The bf16 filter's ids and max logits are the exact kernel's, bit for bit: every row, a
+    partial last panel, an odd hidden size (a zero-padded pair), 1-3 threads. Where this
+    build has no AVX512_BF16 the call is the exact kernel."""
+    w, x = _argmax_case(vocab, hidden, rows=rows, seed=vocab)
+    x[1] *= 1e4  # a large row and a tiny one: the bound scales with |x|
+    x[2] *= 1e-6
+    packed, bf16 = kernels.pack_lm_head(w), _bf16_head(w)
+    expected = kernels.lm_head_argmax(x, packed, vocab)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ids, vals = kernels.lm_head_argmax_bf16(x, *bf16, packed, vocab)
+            assert torch.equal(ids, expected[0]), threads
+            assert torch.equal(vals, expected[1]), threads
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_lm_head_argmax_bf16_near_ties_exact_ties_and_bad_rows(kernels) -> None:
+    """Logits closer than bf16 can tell apart go to the exact recheck (the winner is the
+    float32 one, not the bf16 one); exact ties go to the lowest id; a row with inf or NaN
+    gives what the exact kernel gives."""
+    vocab, hidden = 4099, 96
+    w, x = _argmax_case(vocab, hidden, rows=6, seed=7)
+    # Rows 100 and 3000 point along x[0] and are equal in bf16 (bf16 values, one of them
+    # nudged by 2^-12 of itself, under half a bf16 step), but 3000's float32 logit is larger.
+    # 700 and 701 are exact copies along x[1].
+    base = (x[0] * 3).to(torch.bfloat16).float()
+    w[100], w[3000] = base, base
+    w[3000, 5] += base[5].abs() * 2**-12 * torch.sign(x[0, 5])
+    assert torch.equal(w[3000].to(torch.bfloat16), w[100].to(torch.bfloat16))
+    w[[700, 701]] = x[1] * 3
+    x[4, 3] = float("inf")
+    x[5, 7] = float("nan")
+    packed, bf16 = kernels.pack_lm_head(w), _bf16_head(w)
+    ids, vals = kernels.lm_head_argmax_bf16(x, *bf16, packed, vocab)
+    expected = kernels.lm_head_argmax(x, packed, vocab)
+    assert torch.equal(ids, expected[0])
+    torch.testing.assert_close(vals, expected[1], rtol=0, atol=0, equal_nan=True)
+    assert ids[0].item() == 3000 and ids[1].item() == 700
+
+
 def test_kernels_release_the_gil(kernels) -> None:
     """A Python thread woken just before a kernel call runs while the kernel computes (the
     engine's ZMQ threads must not wait out a step). Holding the GIL, the kernel would keep
