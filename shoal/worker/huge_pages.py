@@ -39,10 +39,16 @@ def enabled(device: torch.device) -> bool:
     )
 
 
-def zeros(nbytes: int) -> torch.Tensor | None:
+# madvise(MADV_POPULATE_WRITE) (Linux 5.14): fault a range in now, writable and zeroed.
+# Python's mmap module names it from 3.12 on.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def zeros(nbytes: int, populate: bool = False) -> torch.Tensor | None:
     """A zero-filled uint8 CPU tensor of `nbytes` starting on a 2 MB boundary, in a mapping
-    advised to use 2 MB pages (pages are faulted in, zeroed, at first touch); None if the
-    mapping cannot be made. The tensor keeps the mapping alive."""
+    advised to use 2 MB pages; None if the mapping cannot be made. The tensor keeps the
+    mapping alive. Pages are faulted in (and zeroed by the kernel) at first touch, or all
+    now with `populate`."""
     try:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=flags)
@@ -52,15 +58,22 @@ def zeros(nbytes: int) -> torch.Tensor | None:
         return None
     whole = torch.frombuffer(region, dtype=torch.uint8)
     start = (-whole.data_ptr()) % HUGE_PAGE
+    if populate:
+        try:
+            region.madvise(_MADV_POPULATE_WRITE)
+        except OSError:  # an older kernel: one write per 4 KB page does the same
+            whole[::4096].zero_()
     return whole[start : start + nbytes]
 
 
-def zeros_shaped(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+def zeros_shaped(
+    shape: tuple[int, ...], dtype: torch.dtype, populate: bool = False
+) -> torch.Tensor | None:
     """`torch.zeros(shape, dtype=dtype)` in 2 MB pages (see `zeros`), or None."""
     count = 1
     for size in shape:
         count *= size
-    raw = zeros(count * dtype.itemsize)
+    raw = zeros(count * dtype.itemsize, populate)
     return None if raw is None else raw.view(dtype).view(shape)
 
 

@@ -52,6 +52,26 @@ def test_zeros_get_2mb_pages() -> None:
     assert anon_huge_kb() - before >= 32 << 10  # at least half of the 64 MiB
 
 
+def test_populate_faults_the_pages_in_at_allocation() -> None:
+    """The KV cache is populated when allocated: touching it afterwards takes no page faults
+    (left to first touch, 1 GiB took ~1.2 s of faults during the first requests)."""
+    import resource
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    t = huge_pages.zeros(32 << 20, populate=True)
+    assert t is not None and t.count_nonzero() == 0
+    before = faults()
+    t[::4096].fill_(1)
+    assert faults() - before < 8  # (a few for Python itself; 8192 pages untouched before)
+    lazy = huge_pages.zeros(32 << 20)
+    assert lazy is not None
+    before = faults()
+    lazy[::4096].fill_(1)
+    assert faults() - before >= 16  # the control: without populate, touching faults
+
+
 class _Holder(nn.Module):
     def __init__(self, shared: torch.Tensor) -> None:
         super().__init__()
