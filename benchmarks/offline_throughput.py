@@ -54,7 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"e.g. int8:float32 (default: %(default)s)",
     )
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: --num-prompts")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="shoal's step token budget (default: shoal's own, 512 on CPU; runs before "
+        "2026-12-04 used 2048)",
+    )
     p.add_argument(
         "--num-blocks", type=int, default=None, help="default: enough for every request at once"
     )

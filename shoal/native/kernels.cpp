@@ -1204,6 +1204,29 @@ at::Tensor pack_lm_head(const at::Tensor& w) {
   return packed;
 }
 
+// The greedy heads' loop: contiguous ranges of vocabulary panels, one chunk per thread (the
+// work per panel is uniform, and chunks merged in order keep ties with the lowest id), and in
+// each panel the rows in tiles of 6, then the rest:
+// tile(std::integral_constant<int, rows>, chunk, panel, first row).
+template <typename Tile>
+void for_each_head_tile(int64_t P, int64_t M, int64_t chunks, const Tile& tile) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c++)
+      for (int64_t p = c * P / chunks; p < (c + 1) * P / chunks; p++) {
+        int64_t m = 0;
+        for (; m + 6 <= M; m += 6) tile(std::integral_constant<int, 6>{}, c, p, m);
+        switch (M - m) {
+          case 5: tile(std::integral_constant<int, 5>{}, c, p, m); break;
+          case 4: tile(std::integral_constant<int, 4>{}, c, p, m); break;
+          case 3: tile(std::integral_constant<int, 3>{}, c, p, m); break;
+          case 2: tile(std::integral_constant<int, 2>{}, c, p, m); break;
+          case 1: tile(std::integral_constant<int, 1>{}, c, p, m); break;
+          default: break;
+        }
+      }
+  });
+}
+
 template <int MT>
 inline void lm_head_tile(const float* x, int64_t K, const float* panel, int64_t v0,
                          int64_t vocab, LaneBest* best) {
@@ -1240,31 +1263,14 @@ std::vector<at::Tensor> lm_head_argmax(const at::Tensor& x_in, const at::Tensor&
   const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
   TORCH_CHECK(packed.size(1) == K, "x and the packed LM head disagree on the hidden size");
   TORCH_CHECK(vocab > (P - 1) * kPanel && vocab <= P * kPanel, "vocab does not match panels");
-  // Contiguous ranges of panels per chunk, chunks merged in order: ties stay with the
-  // lowest id across chunks too. One chunk per thread (the work per panel is uniform).
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
   std::vector<LaneBest> best(chunks * M);
   reset_lane_best(best.data(), chunks * M);
   const float* xp = x.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; c++) {
-      LaneBest* mine = best.data() + c * M;
-      for (int64_t p = c * P / chunks; p < (c + 1) * P / chunks; p++) {
-        const float* panel = wp + p * K * kPanel;
-        int64_t m = 0;
-        for (; m + 6 <= M; m += 6)
-          lm_head_tile<6>(xp + m * K, K, panel, p * kPanel, vocab, mine + m);
-        switch (M - m) {
-          case 5: lm_head_tile<5>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
-          case 4: lm_head_tile<4>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
-          case 3: lm_head_tile<3>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
-          case 2: lm_head_tile<2>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
-          case 1: lm_head_tile<1>(xp + m * K, K, panel, p * kPanel, vocab, mine + m); break;
-          default: break;
-        }
-      }
-    }
+  for_each_head_tile(P, M, chunks, [&](auto rows, int64_t c, int64_t p, int64_t m) {
+    lm_head_tile<decltype(rows)::value>(xp + m * K, K, wp + p * K * kPanel, p * kPanel, vocab,
+                                        best.data() + c * M + m);
   });
   return best_of_rows(best.data(), chunks, M, x.options());
 }
@@ -1431,29 +1437,10 @@ std::vector<at::Tensor> lm_head_argmax_bf16(const at::Tensor& x_in, const at::Te
   std::vector<Candidates> cand(static_cast<size_t>(chunks * M));
   const uint32_t* wb = reinterpret_cast<const uint32_t*>(bf16.data_ptr<int32_t>());
   const float* np = norms.data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t ch = c0; ch < c1; ch++) {
-      Candidates* mine = cand.data() + ch * M;
-      for (int64_t p = ch * P / chunks; p < (ch + 1) * P / chunks; p++) {
-        const uint32_t* panel = wb + p * K2 * kPanel;
-        const float* pn = np + p * 2 * kPanel;
-        const int64_t v0 = p * kPanel;
-        auto tile = [&](auto rows, int64_t m) {
-          lm_head_bf16_tile<decltype(rows)::value>(xb.data() + m * K2, K2, panel, pn, v0, vocab,
-                                                   &coef[2 * m], mine + m);
-        };
-        int64_t m = 0;
-        for (; m + 6 <= M; m += 6) tile(std::integral_constant<int, 6>{}, m);
-        switch (M - m) {
-          case 5: tile(std::integral_constant<int, 5>{}, m); break;
-          case 4: tile(std::integral_constant<int, 4>{}, m); break;
-          case 3: tile(std::integral_constant<int, 3>{}, m); break;
-          case 2: tile(std::integral_constant<int, 2>{}, m); break;
-          case 1: tile(std::integral_constant<int, 1>{}, m); break;
-          default: break;
-        }
-      }
-    }
+  for_each_head_tile(P, M, chunks, [&](auto rows, int64_t ch, int64_t p, int64_t m) {
+    lm_head_bf16_tile<decltype(rows)::value>(xb.data() + m * K2, K2, wb + p * K2 * kPanel,
+                                             np + p * 2 * kPanel, p * kPanel, vocab,
+                                             &coef[2 * m], cand.data() + ch * M + m);
   });
   at::Tensor ids = at::empty({M}, x.options().dtype(at::kLong));
   at::Tensor vals = at::empty({M}, x.options());
