@@ -121,9 +121,10 @@ class ModelRunner:
         """Allocate the cache: per layer a view [2, num_blocks, block_size, num_kv_heads,
         head_dim] of one zeroed tensor (zeros: never-written slots must not hold NaN, since
         masked keys still meet the values in attention's matmul), on CPU in 2 MB pages
-        (`huge_pages`), faulted in now: left to first touch, the first pass of requests over
-        the cache spent ~4% of a busy engine's CPU in the kernel zeroing pages (a served
-        c=64 run), and 1 GiB costs ~0.2 s at start-up instead."""
+        (`huge_pages`), faulted in now: left to first touch, the first requests paid for
+        zeroing the pages (~4% of a busy engine's CPU in a served c=64 run, ~1.2 s per GiB in
+        all), as vLLM's engine pays at start-up for its zeroed cache. Here 1 GiB took 0.1-3 s
+        at start-up, most when the VM's host had not backed the memory yet."""
         a = self.arch
         shape = (a.num_layers, 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         kv = None
