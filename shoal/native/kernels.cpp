@@ -285,18 +285,14 @@ inline void int8_main_5x2(const uint8_t* a, int64_t K4, const int8_t* w, int64_t
                  "cc", "memory")
 #endif
 
-// acc[MT][4] = the tile's int32 sums (written, not accumulated into: the caller leaves acc
-// uninitialised, which saved the 20 stores that zeroed it in memory before every tile).
+// acc[MT][4] = the tile's int32 sums (written, not accumulated into; K4 == 0 leaves acc as
+// it is, zero).
 template <int MT>
 inline void int8_main_vnni(const uint8_t* a, int64_t K4, const int8_t* w, int64_t panel,
                            __m256i (&acc)[MT][4]) {
 #if SHOAL_VNNI
   static_assert(MT >= 1 && MT <= 5, "tiles of 1 to 5 rows");
-  if (K4 <= 0) {
-    for (int i = 0; i < MT; i++)
-      for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_si256();
-    return;
-  }
+  if (K4 <= 0) return;
   const uint8_t* a0 = a;
   int64_t n = K4 / 4;
   if constexpr (MT == 5) SHOAL_VNNI_TILE(5);
@@ -318,9 +314,8 @@ inline void int8_tile(const Int8Problem& p, int64_t m0, int64_t n0) {
   const uint8_t* a = p.a + m0 * K4;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MT][NV];
-  if constexpr (!(SHOAL_VNNI && NV == 4))  // (the VNNI loop writes every accumulator)
-    for (int i = 0; i < MT; i++)
-      for (int j = 0; j < NV; j++) acc[i][j] = _mm256_setzero_si256();
+  for (int i = 0; i < MT; i++)
+    for (int j = 0; j < NV; j++) acc[i][j] = _mm256_setzero_si256();
   if constexpr (SHOAL_VNNI && NV == 4) {
     int8_main_vnni<MT>(a, K4, w, panel, acc);
   } else if constexpr (MT == 5 && NV == 2) {
@@ -1412,12 +1407,13 @@ std::vector<at::Tensor> lm_head_argmax_bf16(const at::Tensor& x_in, const at::Te
     for (; k + 8 <= K; k += 8)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
                        (__m128i)_mm256_cvtneps_pbh(_mm256_loadu_ps(r + k)));
-    for (; k < 2 * K2; k++) {
-      alignas(32) float one[8] = {k < K ? r[k] : 0.f};
+    if (k < 2 * K2) {  // the last < 8 inputs and the pad, through one zero-filled vector
+      alignas(32) float tail[8] = {};
+      std::copy(r + k, r + K, tail);
       alignas(16) uint16_t h[8];
       _mm_store_si128(reinterpret_cast<__m128i*>(h),
-                      (__m128i)_mm256_cvtneps_pbh(_mm256_load_ps(one)));
-      out[k] = h[0];
+                      (__m128i)_mm256_cvtneps_pbh(_mm256_load_ps(tail)));
+      std::copy(h, h + (2 * K2 - k), out + k);
     }
     double xx = 0, tt = 0, dd = 0;
     for (k = 0; k < K; k++) {

@@ -24,7 +24,7 @@
 
 namespace shoal_native {
 
-// Which integer dot-product path this build compiled (shoal.native.describe_build()).
+// Which integer dot-product path this build compiled (the Python module's `vnni`).
 constexpr bool kVnni = SHOAL_VNNI;
 
 // Lanes of output channels n .. n + 7 that exist (the last panel may be partial).
