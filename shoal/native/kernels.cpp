@@ -1,4 +1,6 @@
-// shoal's native CPU kernels (AVX2 + FMA), built on first use by shoal/native/__init__.py.
+// shoal's native CPU kernels, compiled when shoal is installed (setup.py) once per
+// instruction-set level of shoal/native/variants.py (AVX2; AVX-512 VNNI; AVX-512 VNNI + BF16);
+// shoal/native/__init__.py loads the best level the CPU runs.
 //
 // int8_linear: y = x W^T for int8 weights with per-row int8 activations, exact int32 sums.
 // paged_decode_attention: one query token per request against its paged KV cache, read in
@@ -1509,4 +1511,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("bf16") = static_cast<bool>(SHOAL_BF16);  // lm_head_argmax_bf16 filters
   register_q4(m);
   m.attr("vnni") = shoal_native::kVnni;  // integer products with AVX-512 VNNI (shared.h)
+  // variants.source_hash() of the sources, flags and torch this module was built from
+  // (setup.py passes it; "h" keeps the token an identifier for the preprocessor).
+#ifndef SHOAL_SOURCE_HASH
+#define SHOAL_SOURCE_HASH hunknown
+#endif
+#define SHOAL_STR2(x) #x
+#define SHOAL_STR(x) SHOAL_STR2(x)
+  m.attr("source_hash") = std::string(SHOAL_STR(SHOAL_SOURCE_HASH)).substr(1);
 }

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from shoal import native
 from shoal.config import ModelConfig
 from shoal.engine_args import add_model_args
 from shoal.model.arch import arch_from_source
@@ -205,15 +204,3 @@ def test_default_model_in_gguf_mode(kernels) -> None:
         next_id = int(driver.step({"q": 1})["q"][-1].argmax())
         answer.append(next_id)
     assert "Paris" in tokenizer.decode(answer), tokenizer.decode(answer)
-
-
-@pytest.mark.parametrize("name", ["EXTRA_SOURCES", "HEADERS"])
-def test_build_name_tracks_q4_source_and_headers(tmp_path, monkeypatch, name) -> None:
-    """q4.cpp and the shared header are part of the build hash: editing either rebuilds,
-    not loads a stale .so."""
-    before = native.build_name()
-    original = getattr(native, name)[0]
-    changed = tmp_path / original.name
-    changed.write_bytes(original.read_bytes() + b"\n// changed\n")
-    monkeypatch.setattr(native, name, (changed,))
-    assert native.build_name() != before

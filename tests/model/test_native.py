@@ -3,6 +3,7 @@ batch invariance, and what happens when the kernels are unavailable."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 
 from shoal import native
 from shoal.model import attention
+from shoal.native import variants
 
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, HEADS = 48, 16, 3, 64, 9
 
@@ -182,15 +184,48 @@ except ValueError as e:
     assert "SHOAL_NATIVE=0" in out.stdout
 
 
-def test_build_name_tracks_the_source(tmp_path, monkeypatch) -> None:
-    """A changed kernel source gets a new build directory (no stale .so is loaded)."""
-    before = native.build_name()
-    changed = tmp_path / "kernels.cpp"
-    changed.write_bytes(native.SOURCE.read_bytes() + b"\n// changed\n")
-    monkeypatch.setattr(native, "SOURCE", changed)
-    assert native.build_name() != before
-    monkeypatch.setenv("SHOAL_NATIVE_CACHE", str(tmp_path / "cache"))
-    assert native.build_dir() == tmp_path / "cache" / native.build_name()
+@pytest.mark.parametrize("name", [*variants.SOURCES, *variants.HEADERS])
+def test_a_module_built_from_other_sources_is_refused(tmp_path, monkeypatch, kernels, name) -> None:
+    """Every source and header is part of the hash compiled into the module: after an edit
+    that was not rebuilt, load_variant refuses the stale module and says how to rebuild."""
+    for f in (*variants.SOURCES, *variants.HEADERS):
+        (tmp_path / f).write_bytes((variants.HERE / f).read_bytes())
+    (tmp_path / name).write_bytes((variants.HERE / name).read_bytes() + b"\n// edited\n")
+    level = native.loaded_variant()
+    assert level is not None
+    variant = variants.BY_NAME[level]
+    assert variants.source_hash(variant, torch.__version__) == kernels.source_hash
+    assert variants.source_hash(variant, torch.__version__, tmp_path) != kernels.source_hash
+    monkeypatch.setattr(native, "source_hash", lambda v, t: variants.source_hash(v, t, tmp_path))
+    with pytest.raises(ImportError, match="built from other sources or another torch") as e:
+        native.load_variant(level)
+    assert "python -m shoal.native build" in str(e.value)
+
+
+def _load_in_child(env: dict[str, str]) -> tuple[str | None, str | None]:
+    code = "from shoal import native; native.load(); print(native.loaded_variant()); print(native.unavailable_reason())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    level, reason = out.stdout.splitlines()[-2:]
+    return (None if level == "None" else level), (None if reason == "None" else reason)
+
+
+def test_shoal_native_isa_picks_a_level_or_says_why_not() -> None:
+    assert _load_in_child({"SHOAL_NATIVE_ISA": "avx2"}) == ("avx2", None)
+    assert _load_in_child({"SHOAL_NATIVE_MARCH": "x86-64-v3"}) == ("avx2", None)
+    level, reason = _load_in_child({"SHOAL_NATIVE_ISA": "sse9"})
+    assert level is None and reason is not None
+    assert "SHOAL_NATIVE_ISA='sse9' is not one of auto, avx512bf16, avx512, avx2" in reason
+    lacking = [v for v in variants.VARIANTS if not v.runs_on(native.cpu_flags())]
+    if lacking:
+        level, reason = _load_in_child({"SHOAL_NATIVE_ISA": lacking[0].name})
+        assert level is None and "this CPU lacks" in (reason or "")
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,16 @@
-"""shoal/native built for two targets gives the same bits: this CPU (`-march=native`, with
-AVX-512 and VNNI where it has them) and plain AVX2 (`-march=x86-64-v3`, what a machine without
-AVX-512 compiles).
+"""shoal/native's instruction-set levels give the same bits: each AVX-512 level this CPU runs
+(`avx512`: VNNI integer products; `avx512bf16`: and the bf16-filtered LM head) against the
+AVX2 level (`-march=x86-64-v3`, what a machine without AVX-512 runs). setup.py compiles every
+level at install (shoal/native/variants.py), so this loads them side by side.
 
 The kernels promise results that depend on the row alone, never on the batch, the thread split
 or the machine: the integer sums are exact whichever instructions form them (vpdpbusd or
 vpmaddubsw + vpmaddwd), and every float is produced by a fixed sequence of operations. The
 compiler can break the last part behind the source's back (it once split a scalar `s += a * b`
 into a vector multiply and scalar adds under AVX-512 only, and float16 and float32 KV caches
-stopped agreeing), so this builds the AVX2 target beside the native one (about a minute, cached
-like the native build) and compares every kernel on the same inputs.
+stopped agreeing), so every kernel is compared on the same inputs.
 
-Skipped on a CPU without AVX-512: there both targets compile the same instructions.
+A level this CPU cannot run is skipped (on an AVX2-only CPU, all of them).
 """
 
 from __future__ import annotations
@@ -23,26 +23,33 @@ from gguf.quants import quantize
 from shoal import native
 from shoal.model.gguf_quant import Q4Linear
 from shoal.model.llama import Int8Linear
+from shoal.native.variants import BY_NAME
 from tests.model.test_native import _case
 
-pytestmark = pytest.mark.skipif(
-    "avx512f" not in native._cpu_flags(),
-    reason="this CPU has no AVX-512: the native build is the AVX2 build",
-)
 
-AVX2_TARGET = "x86-64-v3"  # AVX2, FMA, F16C, BMI: the kernels' minimum
-
-
-@pytest.fixture(scope="module")
-def builds(kernels):
-    """(native, AVX2-only) kernel modules."""
-    return kernels, native.build(AVX2_TARGET)
+@pytest.fixture(scope="module", params=["avx512", "avx512bf16"])
+def builds(request):
+    """(an AVX-512 level's module, the AVX2 level's module)."""
+    if not BY_NAME[request.param].runs_on(native.cpu_flags()):
+        pytest.skip(f"this CPU does not run the {request.param} level")
+    return native.load_variant(request.param), native.load_variant("avx2")
 
 
-def test_the_avx2_build_has_no_vnni_and_the_native_one_follows_the_cpu(builds) -> None:
+def test_each_level_uses_its_instructions(builds) -> None:
     here, avx2 = builds
-    assert avx2.vnni is False
-    assert here.vnni == ("avx512_vnni" in native._cpu_flags() and "avx512vl" in native._cpu_flags())
+    assert (avx2.vnni, avx2.bf16) == (False, False)
+    assert here.vnni is True
+    assert here.bf16 == here.__name__.endswith("avx512bf16")
+
+
+def test_auto_picks_the_best_level_this_cpu_runs() -> None:
+    variant, reason = native.choose_variant()
+    assert reason is None and variant is not None
+    flags = native.cpu_flags()
+    expected = (
+        "avx512bf16" if "avx512_bf16" in flags else "avx512" if "avx512_vnni" in flags else "avx2"
+    )
+    assert variant.name == expected
 
 
 def _threads(fn, *args):
