@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from shoal.config import ShoalConfig
 from shoal.core.request import Request, RequestStatus
 from shoal.core.scheduler import Scheduler
-from shoal.core.scheduler_output import ModelRunnerOutput
+from shoal.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from shoal.logger import init_logger
 from shoal.protocol import (
     EngineCoreOutput,
@@ -18,6 +18,7 @@ from shoal.protocol import (
     FinishReason,
     SchedulerStats,
 )
+from shoal.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from shoal.worker.model_runner import ModelRunner
@@ -72,10 +73,15 @@ class EngineCore:
                 num_blocks,
                 block_size,
             )
-        self.scheduler = Scheduler(
-            self.model_runner.scheduler_config, config.cache, num_blocks, max_model_len
+        self._scheduler_args = (
+            self.model_runner.scheduler_config,
+            config.cache,
+            num_blocks,
+            max_model_len,
         )
+        self.scheduler = Scheduler(*self._scheduler_args)
         self._pending_outputs: list[EngineCoreOutput] = []
+        self.warm_up()
         logger.info(
             "KV cache: %d blocks x %d tokens = %d token slots (%.2fx requests of max_model_len "
             "%d at once); prefix caching %s",
@@ -101,8 +107,17 @@ class EngineCore:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a request. `ValueError` for an empty prompt, a prompt longer than
-        `max_model_len`, or a request id already in the engine."""
-        self.scheduler.add_request(Request.from_engine_core_request(request, self.max_model_len))
+        `max_model_len`, a prompt token id outside the model's vocabulary, or a request id
+        already in the engine."""
+        # The engine checks the ids itself: the embedding lookup does not, and an id past it
+        # fails the whole step (every request of the engine) on CPU, and on CUDA would be a
+        # device-side assert.
+        # The API server's check uses the tokenizer's vocabulary, which can differ from the
+        # model's, and other clients of the engine socket may send anything.
+        vocab_size = self.model_runner.vocab_size
+        self.scheduler.add_request(
+            Request.from_engine_core_request(request, self.max_model_len, vocab_size)
+        )
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         """Abort requests at any stage and free their blocks. Each one that was unfinished
@@ -142,6 +157,42 @@ class EngineCore:
             scheduler_stats=self.scheduler.get_stats(),
             timestamp=time.time(),
         )
+
+    def warm_up(self) -> None:
+        """Run a few short requests through every step path before the engine reports ready:
+        a greedy request alone (the greedy LM head, the fused decode path), then a greedy and
+        a seeded sampled one together (logits and the sampler), each a prefill across a block
+        boundary and a few decode steps. The first request otherwise paid for loading the
+        native kernels, starting the thread pools and first-touch page faults (docs/serving.md,
+        "Ready means ready"). Their blocks and stats are then discarded: the scheduler starts
+        afresh, and the model runner has dropped their state."""
+        start = time.monotonic()
+        block_size, max_len = self.block_size, self.max_model_len
+        prompt_len = max(1, min(block_size + 3, max_len - 4))
+        max_tokens = max(1, min(4, max_len - prompt_len))
+        vocab = self.model_runner.vocab_size
+        prompt = [(7 + 31 * i) % vocab for i in range(prompt_len)]
+        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        sampled = SamplingParams(
+            temperature=1.0, top_p=0.9, seed=0, logprobs=1, max_tokens=max_tokens, ignore_eos=True
+        )
+        rounds = [[greedy], [greedy, sampled]]
+        finished: set[str] = set()
+        for r, round_params in enumerate(rounds):
+            ids = [f"warmup-{r}-{i}" for i in range(len(round_params))]
+            for request_id, params in zip(ids, round_params, strict=True):
+                self.add_request(EngineCoreRequest(request_id, prompt, params, None, time.time()))
+            for _ in range(8 * (prompt_len + max_tokens)):  # bounded: a tiny cache may stall
+                if not self.has_unfinished_requests():
+                    break
+                self.step()
+            self.abort_all_requests()
+            finished.update(ids)
+        # The runner drops a request's state when a later step names it finished.
+        self.model_runner.execute_model(SchedulerOutput(finished_req_ids=finished))
+        self._pending_outputs = []
+        self.scheduler = Scheduler(*self._scheduler_args)
+        logger.info("warm-up: %.0f ms through every step path", 1e3 * (time.monotonic() - start))
 
     def get_stats(self) -> SchedulerStats:
         """Queue lengths and KV usage now, with the last step's figures."""

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from shoal import native
 from shoal.config import ParallelConfig, ShoalConfig
 from shoal.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from shoal.logger import init_logger
@@ -72,6 +73,9 @@ class ModelRunner:
         )
         if self.device.type == "cpu":
             torch.set_num_threads(self._threads[0])
+            # Loaded now, before the engine reports ready (an import: nothing is compiled).
+            if native.load() is not None:
+                logger.info("native kernels: %s", native.loaded_variant())
         source = resolve_model(config.model.model)
         self.arch: ArchConfig = arch_from_source(source)
         self.max_model_len = _max_model_len(config.model.max_model_len, self.arch)

@@ -33,18 +33,32 @@ TINY_FLAGS = ["--load-format", "dummy", "--num-blocks", "256", "--max-model-len"
 class ServeProcess:
     """A running `shoal serve` and its collected log."""
 
-    def __init__(self, argv: list[str], rpc_base: str | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        rpc_base: str | None = None,
+        env: dict[str, str] | None = None,
+        new_session: bool = False,
+    ) -> None:
+        """`env`: variables set (or, with value "", removed) over os.environ. `new_session`:
+        the server leads its own process group (a test can kill the whole group)."""
         self.argv = argv
-        env = dict(os.environ)
+        full_env = dict(os.environ)
         if rpc_base is not None:
-            env["SHOAL_RPC_BASE_PATH"] = rpc_base
+            full_env["SHOAL_RPC_BASE_PATH"] = rpc_base
+        for key, value in (env or {}).items():
+            if value == "":
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shoal.cli", "serve", *argv],
-            env=env,
+            env=full_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
+            start_new_session=new_session,
         )
         self.lines: list[str] = []
         self.url: str | None = None
@@ -155,15 +169,20 @@ def _is_running(proc: psutil.Process) -> bool:
 
 
 def start_serve(
-    argv: list[str], wait_ready: bool = True, rpc_base: str | None = None
+    argv: list[str],
+    wait_ready: bool = True,
+    rpc_base: str | None = None,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
 ) -> ServeProcess:
     """Start `shoal serve` (with `--port 0` unless `argv` names a port).
 
     `rpc_base`: the server's SHOAL_RPC_BASE_PATH. A server that outlives one test needs its
-    own (the suite's per-test leak check flags any socket file in the shared one)."""
+    own (the suite's per-test leak check flags any socket file in the shared one). `env` and
+    `new_session`: as for `ServeProcess`."""
     if "--port" not in argv:
         argv = [*argv, "--port", "0"]
-    server = ServeProcess(argv, rpc_base)
+    server = ServeProcess(argv, rpc_base, env, new_session)
     if wait_ready:
         try:
             server.wait_ready()
