@@ -12,7 +12,9 @@ over every server's file. `try_acquire` holds an exclusive `flock` on the direct
 reads the sum and bumps its slot, so two servers never both take the last place. A server
 killed by SIGKILL releases the lock with its file descriptor (the launcher then stops the
 whole run, so its stale count does not outlive it). Each server removes its own file on
-close, like the metrics files.
+close, like the metrics files. After `close` the object counts nothing: a request task that
+outlives its server's shutdown (one uvicorn cancelled at the end of the drain) may still call
+`release`, which is then a no-op, and `try_acquire` refuses.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class AdmissionControl:
         self.path: str | None = None
         self._dir_fd = -1
         self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}
+        self._closed = False
         if directory is None:
             if client_count > 1 and limit is not None:
                 logger.warning("no shared IPC directory: --max-num-queued-requests is per server")
@@ -74,7 +77,10 @@ class AdmissionControl:
         self._maps[client_index] = (own, self._own)
 
     def _peers(self) -> list[memoryview]:
-        """Every server's slots that exist so far (a peer still starting has none yet)."""
+        """Every server's slots that exist so far (a peer still starting has none yet);
+        none once closed (mapping the files again would leak the maps)."""
+        if self._closed:
+            return []
         if self.directory is None:
             return [self._own]
         for j in range(self.client_count):
@@ -113,7 +119,10 @@ class AdmissionControl:
         return sum(view[1] for view in self._peers())
 
     def try_acquire(self) -> bool:
-        """Admit one request (True; pair it with `release`) or refuse it (False)."""
+        """Admit one request (True; pair it with `release`) or refuse it (False; always once
+        closed: the server is shutting down)."""
+        if self._closed:
+            return False
         with self._locked():
             if self.limit is not None and self.in_flight() >= self.limit:
                 self._own[1] += 1
@@ -122,18 +131,24 @@ class AdmissionControl:
             return True
 
     def release(self) -> None:
-        """The admitted request is done (response sent, failed, or the client left)."""
+        """The admitted request is done (response sent, failed, or the client left). A no-op
+        once closed: the count it would lower was removed with this server's file."""
+        if self._closed:
+            return
         with self._locked():
             self._own[0] = max(self._own[0] - 1, 0)
 
     def refusal_message(self) -> str:
+        if self._closed:
+            return f"the server is shutting down; retry after {RETRY_AFTER_S} s"
         return (
             f"the server is at its limit of {self.limit} queued requests "
             f"(--max-num-queued-requests); retry after {RETRY_AFTER_S} s"
         )
 
     def close(self) -> None:
-        """Unmap everything and remove this server's file."""
+        """Unmap everything and remove this server's file; idempotent."""
+        self._closed = True
         for map_, view in self._maps.values():
             view.release()
             map_.close()

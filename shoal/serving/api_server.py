@@ -4,7 +4,9 @@ Start-up of `ApiServer_<i>`: bind ROUTER + PULL and report them (EngineClient), 
 tokenizer, wait for every engine's EngineReady (deadline), then serve HTTP with uvicorn
 (uvloop, httptools) on the listening socket inherited from the launcher. SIGTERM / SIGINT:
 before serving, exit at once; while serving, stop accepting and let in-flight requests run
-for `--shutdown-timeout` seconds, abort the rest in the engines, exit 0.
+for `--shutdown-timeout` seconds (the engines keep generating for them: the launcher stops
+them only after the API servers), then fail the rest (`_DrainingServer`): each is aborted in
+its engine and its client gets a 503, or a stream a final error event and `[DONE]`; exit 0.
 This process never imports torch.
 
 With --restart-dead-engines, `EngineDeadError` from a generation route becomes 503 with
@@ -47,6 +49,7 @@ from shoal.serving.asgi import (
     Response,
     StreamingResponse,
     error_body,
+    error_for,
     json_response,
 )
 from shoal.serving.async_engine import AsyncEngine
@@ -67,6 +70,14 @@ from shoal.serving.openai_routes import (
 from shoal.serving.openapi import build_openapi
 
 logger = init_logger(__name__)
+
+# After the drain deadline: how long the failed requests get to send their error (a stream's
+# final event and [DONE]) before uvicorn cancels what is left. Well under the launcher's
+# EXIT_GRACE_S (2 s), after which it kills this process.
+_FINAL_EVENTS_S = 0.5
+# After uvicorn returned: how long request tasks it cancelled get to run their cleanup
+# (engine aborts, admission release) before the engine link and the shared files close.
+_CANCELLED_CLEANUP_S = 0.5
 
 
 def run_api_server_worker_proc(
@@ -131,6 +142,7 @@ async def run_server_worker(
     metrics: MetricsStore | None = None
     admission: AdmissionControl | None = None
     engine: AsyncEngine | None = None
+    server: _DrainingServer | None = None
     try:
         tokenizer = await asyncio.to_thread(Tokenizer.from_model, args.tokenizer or args.model)
         timeout_s = getattr(args, "engine_ready_timeout", None) or ENVS.engine_ready_timeout_s
@@ -148,10 +160,13 @@ async def run_server_worker(
         engine = AsyncEngine(client, tokenizer, metrics, int(getattr(args, "stream_interval", 1)))
         ctx = ServingContext(engine, tokenizer, _served_model_name(args, client))
         app = build_app(ctx, args, admission)
-        server = uvicorn.Server(_uvicorn_config(app, args, uvicorn_kwargs))
+        drain_s = float(getattr(args, "shutdown_timeout", 5.0))
+        server = _DrainingServer(_uvicorn_config(app, args, uvicorn_kwargs), engine, drain_s)
         logger.info("serving %s at %s", ctx.model_name, listen_address)
         await server.serve(sockets=[sock])
     finally:
+        if server is not None:
+            await server.wait_for_request_tasks(_CANCELLED_CLEANUP_S)
         if engine is not None:
             await engine.abort_all()
         await client.close()
@@ -179,6 +194,48 @@ async def _unless_stopped(work: Awaitable[Any]) -> bool:
     return True
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server with shoal's drain deadline. On SIGTERM / SIGINT uvicorn stops
+    accepting, closes idle connections and waits for the open responses; `drain_s`
+    (`--shutdown-timeout`) seconds later every request still in flight is failed with
+    `ServerShuttingDownError`, so that its handler answers it (a 503, or a stream's final
+    error event and `[DONE]`) and its response ends cleanly. uvicorn's own timeout
+    (`timeout_graceful_shutdown`, `_FINAL_EVENTS_S` later) cancels only what did not end."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.drain_s = drain_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        deadline = asyncio.get_running_loop().call_later(self.drain_s, self._drain_deadline)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()  # everything ended before it
+
+    def _drain_deadline(self) -> None:
+        reason = (
+            f"the server is shutting down: the request did not finish within the drain "
+            f"window (--shutdown-timeout {self.drain_s:g} s); retry it"
+        )
+        count = self.engine.end_in_flight(reason)
+        if count:
+            logger.warning(
+                "drain deadline (--shutdown-timeout %g s) passed: failing %d request(s) still "
+                "in flight",
+                self.drain_s,
+                count,
+            )
+
+    async def wait_for_request_tasks(self, timeout_s: float) -> None:
+        """Let request tasks that outlived `serve` (uvicorn cancelled them at its timeout, or
+        it returned early on a second signal) finish their cleanup, for up to `timeout_s`."""
+        tasks = set(self.server_state.tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+
 def _uvicorn_config(
     app: App, args: argparse.Namespace, overrides: dict[str, Any]
 ) -> uvicorn.Config:
@@ -190,8 +247,9 @@ def _uvicorn_config(
         "log_level": getattr(args, "uvicorn_log_level", "warning"),
         "access_log": False,
         "timeout_keep_alive": ENVS.http_timeout_keep_alive_s,
-        # uvicorn waits forever on None: 0 must mean "abort at once".
-        "timeout_graceful_shutdown": max(drain_s, 0.001),
+        # The backstop behind `_DrainingServer`'s deadline (drain_s): requests failed there
+        # get `_FINAL_EVENTS_S` to send their error before uvicorn cancels what is left.
+        "timeout_graceful_shutdown": drain_s + _FINAL_EVENTS_S,
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)
@@ -275,9 +333,9 @@ async def _retry_later(
     event instead (shoal.serving.asgi)."""
     try:
         return await handler(ctx, request)
-    except EngineDeadError as e:
-        body = error_body(503, f"the engine is not available: {e}")
-        return Response(body, 503, headers=list(_RETRY_AFTER))
+    except EngineDeadError as e:  # ServerShuttingDownError too: retry on another server
+        status, body = error_for(e)
+        return Response(body, status, headers=list(_RETRY_AFTER))
 
 
 def _api_key_guard(api_key: str) -> Callable[[Request], None]:

@@ -6,6 +6,12 @@ an admission place for generation routes (503 + Retry-After when the run is full
 the handler and a disconnect watcher side by side. A client that goes away cancels the
 handler, whose generators abort their engine requests in `finally`. Errors map to OpenAI's
 body `{"error": {message, type, param, code}}`; no traceback ever reaches a client.
+
+Shutdown: requests still running at the drain deadline are failed by the engine layer
+(`ServerShuttingDownError`: a 503, or a stream's final error event and `[DONE]`) and end by
+themselves. uvicorn cancels, a little later, only what still did not end; such a request is
+answered 503 if nothing was sent yet, else its connection is closed, and nothing is re-raised
+(uvicorn would log the cancellation as a traceback).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import msgspec
 
 from shoal.logger import init_logger
 from shoal.serving.admission import RETRY_AFTER_S, AdmissionControl
-from shoal.serving.engine_client import EngineDeadError
+from shoal.serving.engine_client import EngineDeadError, ServerShuttingDownError
 from shoal.serving.openai_protocol import ErrorInfo, ErrorResponse, validation_param
 
 logger = init_logger(__name__)
@@ -82,6 +88,8 @@ def error_for(exc: BaseException) -> tuple[int, bytes]:
         return 400, error_body(400, f"the request body is not valid JSON: {exc}")
     if isinstance(exc, ValueError):
         return 400, error_body(400, str(exc), validation_param(str(exc)))
+    if isinstance(exc, ServerShuttingDownError):
+        return 503, error_body(503, str(exc))
     if isinstance(exc, EngineDeadError):
         return 503, error_body(503, f"the engine is not available: {exc}")
     logger.error("unhandled error while serving a request", exc_info=exc)
@@ -271,23 +279,50 @@ class App:
             retry = [(b"retry-after", str(RETRY_AFTER_S).encode())]
             await HTTPError(503, admission.refusal_message(), headers=retry).response().send(send)
             return
+        progress = _Progress()
         try:
-            work = self._respond(handler, request, send)
+            work = self._respond(handler, request, send, progress)
             if key in self._watched:
                 await _run_until_disconnect(work, receive)
             else:
                 await work
+        except asyncio.CancelledError:
+            # Only uvicorn cancels a request's own task (a disconnect cancels the inner one):
+            # its shutdown grace ended and this response had not ended by itself.
+            await _cut_off(request, progress, send)
         finally:
             if admission is not None:
                 admission.release()
 
-    async def _respond(self, handler: Handler, request: Request, send: Send) -> None:
+    async def _respond(
+        self, handler: Handler, request: Request, send: Send, progress: _Progress
+    ) -> None:
         try:
             response = await handler(request)
         except Exception as e:
             status, body = error_for(e)
             response = Response(body, status)
+        progress.response_started = True
         await response.send(send)
+
+
+class _Progress:
+    """How far one request's response got (for a cut-off at the end of the shutdown grace)."""
+
+    __slots__ = ("response_started",)
+
+    def __init__(self) -> None:
+        self.response_started = False
+
+
+async def _cut_off(request: Request, progress: _Progress, send: Send) -> None:
+    """End a request uvicorn cancelled at the end of its shutdown grace, without re-raising:
+    a 503 if nothing was sent yet; else uvicorn closes the connection (a stream stuck here
+    could not take its final error event: its client stopped reading)."""
+    logger.warning("%s cut off: still running at the end of the shutdown grace", request.path)
+    if not progress.response_started:
+        body = error_body(503, "the server is shutting down; retry the request")
+        await Response(body, 503).send(send)
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | HTTPError | None:

@@ -9,6 +9,8 @@ Request lifecycle in an API server:
   4. The caller stops early (disconnect, error) -> the generator's `finally` aborts the
      request in the engine. An engine death fails every stream with EngineDeadError; with
      --restart-dead-engines only the streams on that engine fail (`_on_engine_down`).
+  5. Shutdown: past the drain deadline `end_in_flight` fails every stream with
+     ServerShuttingDownError (step 4 then aborts it in the engine) and refuses new requests.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from shoal.frontend.tokenizer import Tokenizer
 from shoal.logger import init_logger
 from shoal.protocol import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from shoal.sampling_params import SamplingParams
-from shoal.serving.engine_client import EngineClient, EngineDeadError
+from shoal.serving.engine_client import EngineClient, EngineDeadError, ServerShuttingDownError
 from shoal.serving.metrics import HISTOGRAMS, MetricsStore
 
 logger = init_logger(__name__)
@@ -85,13 +87,15 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_model_len = client.max_model_len
-        self.processor = InputProcessor(tokenizer, self.max_model_len)
+        self.processor = InputProcessor(tokenizer, self.max_model_len, client.vocab_size)
         self.output_processor = OutputProcessor(tokenizer, stream_interval)
         self._streams: dict[str, _Stream] = {}
         self._timings: dict[str, _Timing] = {}
         # request id -> (engine, its engine request ids), while it runs.
         self._placement: dict[str, tuple[int, list[str]]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Set once the drain deadline passed (`end_in_flight`): why no request is served now.
+        self._shutdown_reason: str | None = None
         client.start(self._on_outputs, self._on_dead, self._on_engine_down)
 
     @property
@@ -112,9 +116,8 @@ class AsyncEngine:
     ) -> ProcessedRequest:
         """Tokenize and validate; `ValueError` naming the field (e.g. a prompt longer than
         max_model_len); `EngineDeadError` once an engine died (restart mode: while no
-        engine is live)."""
-        if (reason := self.client.unavailable_reason()) is not None:
-            raise EngineDeadError(reason)
+        engine is live) or the drain deadline passed (`ServerShuttingDownError`)."""
+        self._check_serving()
         return self.processor.process(
             request_id,
             prompt,
@@ -130,10 +133,10 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Send `request` to an engine and yield its outputs until it finishes.
 
-        `EngineDeadError` if the engine dies first. Closing the generator early (client
-        disconnect, cancellation) aborts the request in the engine."""
-        if (reason := self.client.unavailable_reason()) is not None:
-            raise EngineDeadError(reason)
+        `EngineDeadError` if the engine dies first (`ServerShuttingDownError`: the drain
+        deadline passed first). Closing the generator early (client disconnect,
+        cancellation) aborts the request in the engine."""
+        self._check_serving()
         request_id = request.request_id
         self.output_processor.add_request(request, kind)  # ValueError for a duplicate id
         stream = _Stream()
@@ -172,13 +175,34 @@ class AsyncEngine:
             # Shielded: this runs while the handler is being cancelled (disconnect).
             await asyncio.shield(self.client.abort_requests(engine_ids))
 
+    def _check_serving(self) -> None:
+        if self._shutdown_reason is not None:
+            raise ServerShuttingDownError(self._shutdown_reason)
+        if (reason := self.client.unavailable_reason()) is not None:
+            raise EngineDeadError(reason)
+
+    def end_in_flight(self, reason: str) -> int:
+        """The drain deadline passed: refuse new requests and fail every request still in
+        flight with `ServerShuttingDownError(reason)`. Each one's generator aborts it in the
+        engine on its way out, and its route answers with the error (a final SSE event, or a
+        503 when nothing was sent yet), so that every response ends by itself. Returns how
+        many requests were failed."""
+        self._shutdown_reason = reason
+        for stream in self._streams.values():
+            # One exception per stream: each is raised in its own handler task.
+            stream.put(ServerShuttingDownError(reason))
+        return len(self._streams)
+
     async def abort_all(self) -> None:
-        """Abort every request still in flight (shutdown)."""
+        """Abort every request still in flight and refuse new ones (the last step of a
+        shutdown, after the HTTP server stopped)."""
+        reason = self._shutdown_reason or "the server is shutting down"
+        self._shutdown_reason = reason
         for request_id in list(self._streams):
             await self._abort(request_id)
             stream = self._streams.pop(request_id, None)
             if stream is not None:
-                stream.put(EngineDeadError("the server is shutting down"))
+                stream.put(ServerShuttingDownError(reason))
 
     # -- callbacks from the EngineClient (on the event loop) ----------------------------------
 

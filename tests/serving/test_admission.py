@@ -5,6 +5,7 @@ API servers (503 + Retry-After, nothing hangs, the count returns to 0), the body
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -149,3 +150,18 @@ def test_no_limit_admits_everything_and_bad_limits_are_named() -> None:
     control.close()
     with pytest.raises(ValueError, match="--max-num-queued-requests"):
         AdmissionControl(0, None)
+
+
+def test_after_close_release_is_a_no_op_and_nothing_is_admitted(tmp_path) -> None:
+    # A request task that outlives its server's shutdown still releases its place: the
+    # memory it would write is unmapped by then, which must not raise.
+    control = AdmissionControl(4, str(tmp_path), client_index=0, client_count=2)
+    assert control.try_acquire() and control.try_acquire()
+    path = control.path
+    control.close()
+    control.release()
+    assert path is not None and not os.path.exists(path)
+    assert not control.try_acquire()
+    assert "shutting down" in control.refusal_message()
+    assert control.in_flight() == 0 and control.rejected() == 0
+    control.close()  # twice: still fine
