@@ -16,6 +16,11 @@ Every child role (API server, engine core, DP coordinator, test stubs) calls
 PR_SET_PDEATHSIG fires when the *thread* that started the child exits, not only the
 process: start children with `shoal.runtime.procs.start_process` (main thread or a daemon
 spawner thread that lives as long as the process).
+
+The parent-death signal does not depend on the target calling this: the managers start every
+child behind `shoal.runtime.guard` (PR_SET_PDEATHSIG before the target runs), and arming it
+again here is harmless. What only this call adds: the title, the role, the own process group,
+the subreaper and the watcher thread.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import threading
 
 from shoal.logger import init_logger, set_process_role
 from shoal.runtime.addresses import cleanup_owned_ipc_paths
+from shoal.runtime.guard import PARENT_DEATH_SIGNAL
 
 logger = init_logger(__name__)
 
@@ -40,6 +46,8 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 # How often the fallback watcher polls getppid() when there is no parent sentinel.
 _PARENT_POLL_INTERVAL_S = 0.2
+# This process's ParentWatch thread, once started.
+_watcher: threading.Thread | None = None
 
 
 def init_child_process(role: str) -> None:
@@ -82,18 +90,23 @@ def watch_parent(use_pdeathsig: bool = True) -> None:
     `use_pdeathsig`: also ask the kernel for SIGKILL on parent death (Linux). The watcher
     thread always runs; it is what acts where prctl is unavailable or not requested.
     """
+    global _watcher
     parent = multiprocessing.parent_process()
     parent_pid = parent.pid if parent is not None and parent.pid else os.getppid()
     if use_pdeathsig:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Usually armed already by the manager's start shim (shoal.runtime.guard); the same
+        # signal again changes nothing.
+        _prctl(_PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
     if os.getppid() != parent_pid:
         # The parent died before the watch was armed: we were already re-parented.
         _die_with_parent(parent_pid)
+    if _watcher is not None and _watcher.is_alive():
+        return  # the shim started it (no prctl here); one watcher is enough
     sentinel = parent.sentinel if parent is not None else None
-    thread = threading.Thread(
+    _watcher = threading.Thread(
         target=_watch, args=(parent_pid, sentinel), name="ParentWatch", daemon=True
     )
-    thread.start()
+    _watcher.start()
 
 
 def _watch(parent_pid: int, sentinel: int | None) -> None:

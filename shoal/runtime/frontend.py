@@ -11,6 +11,7 @@ from typing import Any
 
 from shoal import envs
 from shoal.logger import init_logger
+from shoal.runtime.guard import popen_guard
 from shoal.runtime.managers import ProcessManager
 from shoal.runtime.procs import _SubprocessWrapper, run_on_stable_thread
 
@@ -43,7 +44,8 @@ class RustFrontendProcessManager(ProcessManager):
     `_SubprocessWrapper` named `RustFrontend`; `shutdown(timeout)` stops it like any other
     child (the caller's timeout honoured) and unlinks IPC socket files of both addresses.
     `FileNotFoundError` unless `binary_path` is an executable file; `ValueError` for counts.
-    The binary should exit on SIGTERM and when its parent dies.
+    The binary should exit on SIGTERM; it is started with PR_SET_PDEATHSIG (SIGKILL, Linux)
+    armed, so it dies with the launcher even if it does not watch its parent.
     """
 
     def __init__(
@@ -83,9 +85,12 @@ class RustFrontendProcessManager(ProcessManager):
             stats_update_address,
         )
         logger.info("starting native frontend: %s", " ".join(_redacted(cmd)))
+        # The binary should watch its parent, but the launcher does not rely on it: the
+        # kernel kills it when the launcher dies (armed between fork and exec).
+        preexec = popen_guard()
         with self.rollback_on_error():
             popen = run_on_stable_thread(
-                lambda: subprocess.Popen(cmd, pass_fds=(fd,), process_group=0)
+                lambda: subprocess.Popen(cmd, pass_fds=(fd,), process_group=0, preexec_fn=preexec)
             )
             self.processes.append(_SubprocessWrapper(popen, FRONTEND_PROCESS_NAME))
 

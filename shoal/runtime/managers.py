@@ -18,6 +18,7 @@ from shoal.runtime.procs import (
     SPAWN_CTX,
     ProcessLike,
     exitcode_after_exit,
+    guarded_process,
     shutdown,
     start_process,
 )
@@ -62,10 +63,10 @@ class ProcessManager:
         daemon: bool = False,
     ) -> BaseProcess:
         """Start `target(*args, **kwargs)` in a new spawn-context process called `name` and
-        add it to `processes`. The target should call `init_child_process(name)` first."""
-        proc = SPAWN_CTX.Process(
-            target=target, name=name, args=args, kwargs=kwargs or {}, daemon=daemon
-        )
+        add it to `processes`. The child dies with this process whatever the target does
+        (`guarded_process`); shoal's own targets still call `init_child_process(name)` first
+        for their title, log role and process group."""
+        proc = guarded_process(target, name, args, kwargs, daemon)
         start_process(proc)
         self.processes.append(proc)
         return proc

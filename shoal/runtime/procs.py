@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 import psutil
 
 from shoal.logger import init_logger
+from shoal.runtime.guard import run_guarded
 
 logger = init_logger(__name__)
 
@@ -341,6 +342,25 @@ def run_on_stable_thread(fn: Callable[[], T]) -> T:
         if _spawner is None:
             _spawner = _SpawnerThread()
     return _spawner.call(fn, START_TIMEOUT_S)
+
+
+def guarded_process(
+    target: Callable[..., Any],
+    name: str,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    daemon: bool = False,
+) -> multiprocessing.process.BaseProcess:
+    """An unstarted spawn-context process `name` that runs `target(*args, **kwargs)` behind
+    the parent-death guard (`shoal.runtime.guard.run_guarded`): whatever the target does, the
+    child dies with this process. The one way managers create multiprocessing children;
+    start it with `start_process`."""
+    return SPAWN_CTX.Process(
+        target=run_guarded,
+        name=name,
+        args=(os.getpid(), target, args, kwargs or {}),
+        daemon=daemon,
+    )
 
 
 def start_process(proc: multiprocessing.process.BaseProcess) -> None:

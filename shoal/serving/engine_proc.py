@@ -29,7 +29,13 @@ from shoal.logger import init_logger
 from shoal.protocol import EngineAddresses, EngineReady, decoder, encode, engine_dead_frame
 from shoal.runtime.child import exit_now, init_child_process
 from shoal.runtime.managers import ProcessManager
-from shoal.runtime.procs import SPAWN_CTX, ProcessLike, exitcode_after_exit, start_process
+from shoal.runtime.procs import (
+    SPAWN_CTX,
+    ProcessLike,
+    exitcode_after_exit,
+    guarded_process,
+    start_process,
+)
 from shoal.serving.engine_loop import EngineCoreProc
 from shoal.serving.usage_stats import report_usage_stats
 
@@ -253,11 +259,8 @@ class CoreEngineProcManager(ProcessManager):
         parent_end, child_end = SPAWN_CTX.Pipe(duplex=True)
         name = engine_proc_name(engine_index)
         try:
-            proc = SPAWN_CTX.Process(
-                target=self._target,
-                name=name,
-                args=self._args(engine_index, child_end),
-            )
+            # Behind the parent-death guard like the first start (ProcessManager.spawn).
+            proc = guarded_process(self._target, name, self._args(engine_index, child_end))
             start_process(proc)
         except BaseException:
             parent_end.close()

@@ -6,7 +6,9 @@
 --args-json J`: serves HTTP on the inherited listening socket (every GET answers a JSON echo
 of its command line and pid), exits 0 on SIGTERM, exits 2 on an unknown flag (like the real
 binary), exits when its parent dies. `fake_behavior` in the args JSON: "ignore-sigterm"
-(ignore SIGTERM and start a SIGTERM-ignoring grandchild), "exit:<code>" (exit at once).
+(ignore SIGTERM and start a SIGTERM-ignoring grandchild), "exit:<code>" (exit at once),
+"no-parent-watch" (do not watch the parent and ignore SIGTERM: only the launcher's
+parent-death guard can end it when the launcher dies).
 """
 
 from __future__ import annotations
@@ -66,9 +68,12 @@ def main() -> None:
             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
         )
         state["grandchild"] = subprocess.Popen([sys.executable, "-c", sleeper]).pid
+    elif behavior == "no-parent-watch":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    threading.Thread(target=_watch_parent, daemon=True).start()
+    if behavior != "no-parent-watch":
+        threading.Thread(target=_watch_parent, daemon=True).start()
     # Bind the ZMQ addresses the way the real binary would (an ipc:// path becomes a file).
     bound = [_bind_ipc(address) for address in (opts.input_address, opts.output_address)]
     state["bound"] = [sock.getsockname() for sock in bound if sock is not None]

@@ -286,3 +286,185 @@ def orphan_launcher_main(mode: str) -> None:
     files = [ipc_path(a) for a in addresses]
     print(json.dumps({"pids": pids, "files": files, "run_dir": ipc_run_dir()}), flush=True)
     time.sleep(120)
+
+
+# -- targets that never call init_child_process (tests/runtime/test_orphans.py) -----------------
+
+_PR_GET_PDEATHSIG = 2
+
+
+def pdeathsig() -> int:
+    """This process's parent-death signal (prctl PR_GET_PDEATHSIG; 0 = none, -1 off Linux)."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return -1
+    value = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(_PR_GET_PDEATHSIG, ctypes.byref(value), 0, 0, 0)
+    return value.value
+
+
+def _stubborn() -> None:
+    """Ignore what a polite stop sends: only the parent-death guard can end this process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def bare_api_server(listen_address: str, sock: Any, args: Any, client_config: dict) -> None:
+    """API-server stub with no init_child_process: report the addresses unchanged (so the
+    launcher knows the target runs), then sleep, ignoring SIGTERM."""
+    _stubborn()
+    pipe = client_config["actual_address_pipe"]
+    pipe.send(
+        {
+            "input_address": client_config["input_address"],
+            "output_address": client_config["output_address"],
+        }
+    )
+    pipe.close()
+    while True:
+        time.sleep(60)
+
+
+def bare_sleeper(report: Any) -> None:
+    """Generic stub with no init_child_process: send `{"pid", "pdeathsig"}`, sleep, ignoring
+    SIGTERM."""
+    _stubborn()
+    report.send({"pid": os.getpid(), "pdeathsig": pdeathsig()})
+    report.close()
+    while True:
+        time.sleep(60)
+
+
+def identity_and_pdeathsig(report: Any) -> None:
+    """Generic stub that does call init_child_process (so the guard is armed twice): send
+    `{"role", "pgid", "pdeathsig"}`, sleep."""
+    _init("Twice")
+    from shoal.logger import get_process_role
+
+    report.send({"role": get_process_role(), "pgid": os.getpgrp(), "pdeathsig": pdeathsig()})
+    report.close()
+    while True:
+        time.sleep(60)
+
+
+def spawn_a_helper(report: Any) -> None:
+    """Generic stub with no init_child_process that starts its own helper (a grandchild of
+    the launcher) through ProcessManager.spawn, sends `{"pid", "helper"}`, sleeps."""
+    _stubborn()
+    from shoal.runtime.managers import ProcessManager
+    from shoal.runtime.procs import SPAWN_CTX
+
+    helpers = ProcessManager()
+    recv, send = SPAWN_CTX.Pipe(duplex=False)
+    helpers.spawn(bare_sleeper, "Helper", args=(send,))
+    send.close()
+    helper = recv.recv()["pid"]
+    report.send({"pid": os.getpid(), "helper": helper})
+    report.close()
+    while True:
+        time.sleep(60)
+
+
+def bare_engine(engine_index: int, config: Any, handshake: Any, *rest: Any) -> None:
+    """Engine stub (run_engine_core's signature) with no init_child_process: send its pid on
+    the handshake pipe, sleep, ignoring SIGTERM."""
+    _stubborn()
+    handshake.send_bytes(str(os.getpid()).encode())
+    while True:
+        time.sleep(60)
+
+
+def count_parent_watchers(report: Any) -> None:
+    """Generic stub: the fallback watcher as the shim starts it off Linux, then
+    init_child_process; send how many ParentWatch threads run, sleep."""
+    import threading
+
+    from shoal.runtime import child
+
+    child.watch_parent(use_pdeathsig=False)
+    child.init_child_process("Watched")
+    report.send(sum(t.name == "ParentWatch" for t in threading.enumerate()))
+    report.close()
+    while True:
+        time.sleep(60)
+
+
+def write_marker(path: str) -> None:
+    """Generic stub: create the file `path` (shows that the target ran)."""
+    with open(path, "w") as f:
+        f.write("ran")
+
+
+def guard_launcher_main(mode: str, frontend_binary: str = "") -> None:
+    """Body of a stand-in launcher whose children run targets that never call
+    init_child_process. Modes: "api" (two API servers via APIServerProcessManager), "spawn"
+    (ProcessManager.spawn of a child that starts its own helper), "engine" (an engine started,
+    killed and restarted by CoreEngineProcManager.restart), "frontend" (the fake native
+    frontend with its own parent watch off). Uses no IPC address, so it leaves no socket
+    file. Prints `{"pids": [...]}` (every live descendant it started) as one JSON line, then
+    sleeps until killed."""
+    import json
+
+    pids: list[int] = []
+    keep: list[Any] = []  # managers stay referenced: their finalizers would stop the children
+    if mode == "api":
+        from shoal.runtime.managers import APIServerProcessManager
+
+        placeholders = ["tcp://127.0.0.1:0"] * 2
+        servers = APIServerProcessManager(
+            "", None, None, 2, placeholders, placeholders, target_server_fn=bare_api_server
+        )
+        servers.gather_actual_addresses(timeout=60)  # both targets are running
+        pids = [p.pid for p in servers.processes if p.pid is not None]
+        keep.append(servers)
+    elif mode == "spawn":
+        from shoal.runtime.managers import ProcessManager
+        from shoal.runtime.procs import SPAWN_CTX
+
+        manager = ProcessManager()
+        recv, send = SPAWN_CTX.Pipe(duplex=False)
+        manager.spawn(spawn_a_helper, "Parent", args=(send,))
+        send.close()
+        report = recv.recv()
+        pids = [report["pid"], report["helper"]]
+        keep.append(manager)
+    elif mode == "engine":
+        from shoal.config import ShoalConfig
+        from shoal.serving.engine_proc import CoreEngineProcManager
+
+        engines = CoreEngineProcManager(ShoalConfig(), 1, target_fn=bare_engine)
+        first = engines.processes[0]
+        assert first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(30)
+        pipe = engines.restart(0)
+        if not pipe.poll(60):
+            raise RuntimeError("the restarted engine did not report")
+        pids = [int(pipe.recv_bytes())]
+        keep.append(engines)
+    elif mode == "frontend":
+        import socket
+        import urllib.request
+
+        from shoal.runtime.frontend import RustFrontendProcessManager
+
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        frontend = RustFrontendProcessManager(
+            frontend_binary,
+            sock,
+            {"fake_behavior": "no-parent-watch"},
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:0",
+            0,
+            1,
+            1,
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as reply:
+            pids = [json.loads(reply.read())["pid"]]  # it serves: started and armed
+        keep.append(frontend)
+    else:
+        raise ValueError(mode)
+    print(json.dumps({"pids": pids}), flush=True)
+    time.sleep(120)
