@@ -209,6 +209,9 @@ class EngineReady(msgspec.Struct, array_like=True, gc=False):
     num_blocks: int
     block_size: int
     model_name: str = ""
+    # The model's vocabulary size (its embedding rows; 0: not reported). The API servers
+    # check prompt ids against it as well as the tokenizer's: the two can differ.
+    vocab_size: int = 0
 
 
 class AbortRequest(msgspec.Struct, array_like=True, gc=False):

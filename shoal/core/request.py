@@ -46,6 +46,18 @@ _TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
 }
 
 
+def check_token_ids_in_vocab(token_ids: list[int], vocab_size: int) -> None:
+    """`ValueError` naming the first id outside `[0, vocab_size)` and the vocabulary size."""
+    # min and max run in C; the culprit is searched for only when there is one.
+    if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size):
+        return
+    position, token_id = next((i, t) for i, t in enumerate(token_ids) if not 0 <= t < vocab_size)
+    raise ValueError(
+        f"prompt_token_ids: token id {token_id} at position {position} is outside the "
+        f"model's vocabulary (size {vocab_size}: ids 0 to {vocab_size - 1})"
+    )
+
+
 class Request:
     """A request as the scheduler sees it.
 
@@ -83,7 +95,10 @@ class Request:
         max_model_len: int,
         arrival_time: float = 0.0,
         client_index: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
+        """`ValueError` for an empty prompt, one longer than `max_model_len`, or (given
+        `vocab_size`) a token id outside the model's vocabulary."""
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids: must not be empty")
         if len(prompt_token_ids) > max_model_len:
@@ -91,6 +106,8 @@ class Request:
                 f"prompt_token_ids: the prompt has {len(prompt_token_ids)} tokens, more than "
                 f"max_model_len ({max_model_len})"
             )
+        if vocab_size is not None:
+            check_token_ids_in_vocab(prompt_token_ids, vocab_size)
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -118,8 +135,11 @@ class Request:
         self.has_sent_output = False
 
     @classmethod
-    def from_engine_core_request(cls, req: EngineCoreRequest, max_model_len: int) -> Request:
-        """Build from the wire message; `ValueError` for an empty or too long prompt."""
+    def from_engine_core_request(
+        cls, req: EngineCoreRequest, max_model_len: int, vocab_size: int | None = None
+    ) -> Request:
+        """Build from the wire message; `ValueError` for an empty or too long prompt, or a
+        token id outside `[0, vocab_size)`."""
         return cls(
             req.request_id,
             req.prompt_token_ids,
@@ -128,6 +148,7 @@ class Request:
             max_model_len,
             arrival_time=req.arrival_time,
             client_index=req.client_index,
+            vocab_size=vocab_size,
         )
 
     @property

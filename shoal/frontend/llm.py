@@ -156,7 +156,11 @@ class LLM:
         start = time.perf_counter()
         self.tokenizer = Tokenizer.from_model(tokenizer if tokenizer is not None else model)
         self.engine = InprocEngineClient(self.config)
-        self.input_processor = InputProcessor(self.tokenizer, self.engine.max_model_len)
+        self.input_processor = InputProcessor(
+            self.tokenizer,
+            self.engine.max_model_len,
+            self.engine.engine_core.model_runner.vocab_size,
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._request_counter = itertools.count()
         logger.info(
@@ -234,8 +238,8 @@ class LLM:
             self._next_request_id(), prompt, sampling_params, add_special_tokens=add_special_tokens
         )
         self.output_processor.add_request(request, RequestOutputKind.DELTA)
-        self.engine.add_requests(request)
         try:
+            self.engine.add_requests(request)
             while self.output_processor.has_unfinished_requests():
                 yield from self._step()
         finally:

@@ -44,11 +44,21 @@ class InputProcessor:
     Every problem raises `ValueError` naming the field (`prompt`, `prompt_token_ids`,
     `max_tokens`, ...)."""
 
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, max_model_len: int, model_vocab_size: int | None = None
+    ) -> None:
+        """`model_vocab_size`: the model's embedding rows, when known. Ids must be below it
+        and the tokenizer's vocabulary size both: a tokenizer can know more tokens than the
+        model has rows (added tokens), and the engine rejects such an id."""
         if max_model_len <= 0:
             raise ValueError(f"max_model_len: must be positive, got {max_model_len}")
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.vocab_size = tokenizer.vocab_size
+        # Text encodes to the tokenizer's ids: checked only when the model has fewer.
+        self._check_text_ids = False
+        if model_vocab_size is not None and model_vocab_size < self.vocab_size:
+            self.vocab_size, self._check_text_ids = model_vocab_size, True
 
     def process(
         self,
@@ -105,7 +115,7 @@ class InputProcessor:
             if not prompt:
                 raise ValueError("prompt: must not be empty")
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-            return prompt, self._check_ids(ids, "prompt", check_vocab=False)
+            return prompt, self._check_ids(ids, "prompt", check_vocab=self._check_text_ids)
         if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
             raise ValueError(
                 f"prompt: must be a string or a list of token ids, got {type(prompt).__name__}"
@@ -117,7 +127,7 @@ class InputProcessor:
             raise ValueError(f"{field}: must be a list of token ids")
         if not ids:
             raise ValueError(f"{field}: must not be empty")
-        vocab_size = self.tokenizer.vocab_size
+        vocab_size = self.vocab_size
         for i, t in enumerate(ids if check_vocab else ()):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
                 raise ValueError(

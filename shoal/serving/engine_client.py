@@ -66,6 +66,12 @@ class EngineDeadError(RuntimeError):
     """An engine died: the request cannot complete (HTTP 503)."""
 
 
+class ServerShuttingDownError(EngineDeadError):
+    """The server's drain deadline (`--shutdown-timeout`) passed before the request finished:
+    it is aborted in its engine (HTTP 503; a stream ends with an error event). A kind of
+    `EngineDeadError` so that every path that fails requests of a dead engine handles it."""
+
+
 OutputsHandler = Callable[[EngineCoreOutputs], None]
 DeadHandler = Callable[[str], None]
 # (engine index, reason): one engine went down (restart mode); its requests were forgotten.
@@ -181,6 +187,12 @@ class EngineClient:
     def max_model_len(self) -> int:
         """The smallest context length among the engines (they should all agree)."""
         return min(e.max_model_len for e in self.engines)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size as the engines reported it (None: none did)."""
+        sizes = [e.vocab_size for e in self.engines if e.vocab_size > 0]
+        return min(sizes) if sizes else None
 
     def start(
         self,

@@ -109,6 +109,7 @@ class EngineCoreProc:
             num_blocks=core.num_blocks,
             block_size=core.block_size,
             model_name=_served_model_name(self.config),
+            vocab_size=core.model_runner.vocab_size,
         )
 
     def connect(self, addresses: EngineAddresses) -> None:

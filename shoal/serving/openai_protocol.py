@@ -139,8 +139,19 @@ def _is_token_id(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# Names the chat route itself gives the template renderer (the conversation, the flags, the
+# template): a `chat_template_kwargs` entry of the same name would clash with them in the call
+# (a TypeError, so a 500) instead of reaching the template.
+RESERVED_CHAT_TEMPLATE_KWARGS = frozenset(
+    {"messages", "add_generation_prompt", "chat_template", "template", "special_tokens"}
+)
+
+
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
-    # Validated by shoal.frontend.chat_template (errors name `messages[i].field`).
+    # OpenAI's message shapes (null content beside tool_calls, tool messages, text parts,
+    # `name`) are checked by shoal.frontend.chat_template, which also serves the offline
+    # LLM.chat and /tokenize: errors name `messages[i].field`, or the message the template
+    # cannot render.
     messages: list[Any]
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
@@ -165,6 +176,14 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise ValueError("top_logprobs: must be in [0, 20]")
+        # Checked with the sampling fields: the route calls this before rendering the chat.
+        clashing = sorted(
+            RESERVED_CHAT_TEMPLATE_KWARGS.intersection(self.chat_template_kwargs or {})
+        )
+        if clashing:
+            raise ValueError(
+                f"chat_template_kwargs: {clashing} are set by the server, not the request"
+            )
         max_tokens = self.max_completion_tokens
         if max_tokens is None:
             max_tokens = self.max_tokens
