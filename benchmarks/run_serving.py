@@ -32,7 +32,7 @@ sys.path.insert(0, REPO)
 from shoal.bench.procs import OtherLoad, ServerProcess, free_port, measure_other_load  # noqa: E402
 from shoal.bench.report import markdown_report  # noqa: E402
 from shoal.bench.serve import BenchConfig, Hooks, run_benchmark  # noqa: E402
-from shoal.bench_cli import json_safe  # noqa: E402
+from shoal.entrypoints.bench import json_safe  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def server_argv(spec: ServerSpec, host: str, port: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "shoal.cli",
+        "shoal.entrypoints.cli",
         "serve",
         *spec.extra_args,
         *shlex.split(spec.server_args),

@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shoal.cli import main  # noqa: E402
+from shoal.entrypoints.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "serve", *sys.argv[1:]]))

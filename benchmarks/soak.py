@@ -164,7 +164,17 @@ def start_server(
     config: SoakConfig, model: str, port: int, log_path: str
 ) -> subprocess.Popen[bytes]:
     """`shoal serve` on HOST:port in its own session, output to `log_path`."""
-    argv = [sys.executable, "-m", "shoal.cli", "serve", model, "--host", HOST, "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "shoal.entrypoints.cli",
+        "serve",
+        model,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+    ]
     argv += ["--api-server-count", str(config.api_server_count)]
     argv += ["--data-parallel-size", str(config.data_parallel_size)]
     argv += ["--num-blocks", str(config.num_blocks), "--max-model-len", str(config.max_model_len)]

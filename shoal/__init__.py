@@ -13,14 +13,14 @@ from shoal.sampling_params import SamplingParams
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from shoal.frontend.llm import LLM
+    from shoal.entrypoints.llm import LLM
 
 __all__ = ["LLM", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "LLM":
-        from shoal.frontend.llm import LLM
+        from shoal.entrypoints.llm import LLM
 
         return LLM
     raise AttributeError(f"module 'shoal' has no attribute {name!r}")

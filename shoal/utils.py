@@ -25,11 +25,11 @@ _LAZY: dict[str, str] = {
     "tensor_data": "shoal.worker.buffers",
     "IterationDetails": "shoal.core.iteration",
     "compute_iteration_details": "shoal.core.iteration",
-    "run_api_server_worker_proc": "shoal.serving.api_server",
-    "report_usage_stats": "shoal.serving.usage_stats",
-    "CoreEngineProcManager": "shoal.serving.engine_proc",
-    "DPCoordinator": "shoal.serving.coordinator",
-    "CoreEngineActorManager": "shoal.serving.ray_engines",
+    "run_api_server_worker_proc": "shoal.api.server",
+    "report_usage_stats": "shoal.engine.usage_stats",
+    "CoreEngineProcManager": "shoal.engine.manager",
+    "DPCoordinator": "shoal.engine.coordinator",
+    "CoreEngineActorManager": "shoal.engine.ray_engines",
 }
 
 

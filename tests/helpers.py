@@ -31,7 +31,7 @@ TINY_LLAMA_CONFIG: dict[str, Any] = {
 
 @lru_cache(maxsize=1)
 def _default_tokenizer() -> Any:
-    from shoal.frontend.tokenizer import Tokenizer
+    from shoal.processing.tokenizer import Tokenizer
 
     return Tokenizer.from_model(None)
 

@@ -26,7 +26,7 @@ def test_ci_runs_readme_test_command() -> None:
 
 
 def test_cli_help_lists_subcommands(capsys) -> None:
-    from shoal.cli import main
+    from shoal.entrypoints.cli import main
 
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out

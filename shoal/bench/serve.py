@@ -30,7 +30,7 @@ WARMUP_MAX_TOKENS = 16
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One `shoal bench serve` run (the CLI flags; see shoal/bench_cli.py)."""
+    """One `shoal bench serve` run (the CLI flags; see shoal/entrypoints/bench.py)."""
 
     base_url: str = "http://127.0.0.1:8000"
     endpoint: str = "/v1/completions"
@@ -245,8 +245,8 @@ async def discover_model(client: HTTPClient) -> str:
 
 def load_tokenizer(config: BenchConfig, model: str) -> Any:
     """`--tokenizer`, else MODEL when it names local files, else the default model's."""
-    from shoal.frontend.tokenizer import Tokenizer
     from shoal.model_source import resolve_model
+    from shoal.processing.tokenizer import Tokenizer
 
     source = config.tokenizer
     if source is None:

@@ -153,7 +153,7 @@ class APIServerProcessManager(ProcessManager):
     socket and collects the ZMQ endpoints each one actually bound.
 
     Child `i` runs `target_server_fn(listen_address, sock, args, client_config)` (default:
-    `shoal.serving.api_server.run_api_server_worker_proc`) with `client_config` =
+    `shoal.api.server.run_api_server_worker_proc`) with `client_config` =
     `{"input_address", "output_address", "client_index": i, "client_count": num_servers,
     "actual_address_pipe"}` plus `"stats_update_address"` / `"tensor_queue"` when given. The
     child binds both addresses (`bind_zmq_socket`), sends exactly one dict
@@ -321,7 +321,7 @@ def _check_counts(num_servers: int, inputs: Sequence[str], outputs: Sequence[str
 
 
 def _default_target() -> Callable[..., Any]:
-    from shoal.serving.api_server import run_api_server_worker_proc
+    from shoal.api.server import run_api_server_worker_proc
 
     return run_api_server_worker_proc
 

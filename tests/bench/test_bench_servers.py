@@ -13,7 +13,7 @@ import pytest
 
 from shoal.bench.procs import ServerProcess, free_port, role_group
 from shoal.bench.serve import BenchConfig, Hooks, run_benchmark
-from shoal.cli import main
+from shoal.entrypoints.cli import main
 from tests.helpers import make_tiny_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,7 +48,7 @@ def shoal_server(tmp_path) -> Iterator[ServerProcess]:
     argv = [
         sys.executable,
         "-m",
-        "shoal.cli",
+        "shoal.entrypoints.cli",
         "serve",
         model,
         "--load-format",

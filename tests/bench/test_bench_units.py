@@ -12,8 +12,8 @@ import pytest
 from shoal.bench.dataset import random_requests
 from shoal.bench.report import markdown_report
 from shoal.bench.stats import RequestResult, percentile, summarize
-from shoal.cli import main
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.entrypoints.cli import main
+from shoal.processing.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_bad_flags_name_the_flag(
 
 def test_bench_cli_import_is_light() -> None:
     code = (
-        "import sys, shoal.bench_cli; "
+        "import sys, shoal.entrypoints.bench; "
         "print([m for m in ('torch', 'shoal.bench.serve', 'tokenizers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -20,7 +20,7 @@ from tests.helpers import TINY_LLAMA_CONFIG
 pytest.importorskip("torch")
 pytest.importorskip("shoal.worker.model_runner")
 
-from shoal.core.engine_core import EngineCore  # noqa: E402
+from shoal.engine.core import EngineCore  # noqa: E402
 
 VOCAB = 384
 TINY_CONFIG = {**TINY_LLAMA_CONFIG, "vocab_size": VOCAB, "max_position_embeddings": 256}

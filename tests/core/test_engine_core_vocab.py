@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("shoal.worker.model_runner")
 
 from shoal import LLM  # noqa: E402
-from shoal.core.engine_core import EngineCore  # noqa: E402
+from shoal.engine.core import EngineCore  # noqa: E402
 
 VOCAB = 384
 

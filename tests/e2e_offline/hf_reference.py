@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from shoal.frontend.outputs import RequestOutput
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.outputs import RequestOutput
+from shoal.processing.tokenizer import Tokenizer
 
 
 @dataclass

@@ -12,8 +12,8 @@ import os
 import pytest
 
 from shoal import LLM, SamplingParams
-from shoal.frontend.tokenizer import Tokenizer
 from shoal.model_source import default_model_path
+from shoal.processing.tokenizer import Tokenizer
 from tests.e2e_offline.hf_reference import HFResult, assert_same_tokens, hf_greedy
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import gc
 import pytest
 
 from shoal import LLM, SamplingParams
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.tokenizer import Tokenizer
 from tests.e2e_offline.hf_reference import HFResult, assert_same_tokens, hf_greedy
 from tests.helpers import make_tiny_hf_checkpoint
 

@@ -13,7 +13,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from shoal.frontend.tokenizer import Tokenizer  # noqa: E402
+from shoal.processing.tokenizer import Tokenizer  # noqa: E402
 from tests.helpers import make_tiny_model_dir  # noqa: E402
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from shoal.frontend.chat_template import render_chat
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.chat_template import render_chat
+from shoal.processing.tokenizer import Tokenizer
 
 TOOL_CALLS = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
 # The failing request that was reported: a tool call and its answer, content null.

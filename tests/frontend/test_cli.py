@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from shoal import LLM, SamplingParams
-from shoal.cli import main
+from shoal.entrypoints.cli import main
 
 ENGINE_FLAGS = ["--load-format", "dummy", "--num-blocks", "128"]
 
@@ -28,7 +28,10 @@ def test_generate_prints_the_completion(tiny_model_dir: str) -> None:
         "--ignore-eos",
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "shoal.cli", *argv], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "shoal.entrypoints.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "Loading " in result.stderr and "Loaded in" in result.stderr

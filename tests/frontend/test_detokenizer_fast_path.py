@@ -7,8 +7,8 @@ import random
 import pytest
 from tokenizers.decoders import DecodeStream
 
-from shoal.frontend.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
+from shoal.processing.tokenizer import Tokenizer
 
 
 def _stream_only(tok: Tokenizer, prompt: list[int], ids: list[list[int]], skip: bool) -> str:

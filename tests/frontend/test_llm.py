@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from shoal import LLM, SamplingParams
-from shoal.frontend.llm import build_config
+from shoal.entrypoints.llm import build_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["Hello, my name is", "The capital of France is", "def add(a, b):", "1 2 3"]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.frontend.output_processor import OutputProcessor
-from shoal.frontend.outputs import RequestOutput, RequestOutputKind
-from shoal.frontend.processor import InputProcessor
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.output_processor import OutputProcessor
+from shoal.processing.outputs import RequestOutput, RequestOutputKind
+from shoal.processing.processor import InputProcessor
+from shoal.processing.tokenizer import Tokenizer
 from shoal.protocol import EngineCoreOutput, FinishReason, TokenLogprobs
 from shoal.sampling_params import SamplingParams
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.frontend.processor import InputProcessor
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.processor import InputProcessor
+from shoal.processing.tokenizer import Tokenizer
 from shoal.sampling_params import SamplingParams
 
 

@@ -8,9 +8,9 @@ import os
 import gguf
 import pytest
 
-from shoal.frontend.gguf_metadata import read_gguf_metadata
-from shoal.frontend.tokenizer import Tokenizer
 from shoal.model_source import default_model_path
+from shoal.processing.gguf_metadata import read_gguf_metadata
+from shoal.processing.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello, world!",

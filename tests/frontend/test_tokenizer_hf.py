@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from shoal.frontend.tokenizer import Tokenizer
 from shoal.model_source import default_model_path
+from shoal.processing.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import sys
 
 CHECK = """
 import sys
-import shoal.frontend.chat_template, shoal.frontend.detokenizer, shoal.frontend.outputs
-import shoal.frontend.output_processor, shoal.frontend.processor, shoal.frontend.tokenizer
-import shoal.frontend.llm, shoal.frontend.cli
-from shoal.frontend.tokenizer import Tokenizer
-from shoal.frontend.processor import InputProcessor
+import shoal.processing.chat_template, shoal.processing.detokenizer, shoal.processing.outputs
+import shoal.processing.output_processor, shoal.processing.processor, shoal.processing.tokenizer
+import shoal.entrypoints.llm, shoal.entrypoints.generate
+from shoal.processing.tokenizer import Tokenizer
+from shoal.processing.processor import InputProcessor
 tok = Tokenizer.from_model(None)
 InputProcessor(tok, 100).process("r", "hello")
 heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)

@@ -14,7 +14,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from shoal.config import ModelConfig
-from shoal.engine_args import add_model_args
+from shoal.entrypoints.engine_args import add_model_args
 from shoal.model.arch import arch_from_source
 from shoal.model.gguf_quant import Q4Linear
 from shoal.model.loader import load_model
@@ -159,8 +159,8 @@ def test_default_model_in_gguf_mode(kernels) -> None:
     relative logit error 2.8%; int8 mode in the same run 95.5% and 5.6%: the weights are
     the file's own, only the activations and the int8 LM head round); and greedy decoding
     (the fused decode path) answers a question."""
-    from shoal.frontend.tokenizer import Tokenizer
     from shoal.model.llama import Int8Linear
+    from shoal.processing.tokenizer import Tokenizer
 
     source = resolve_model(None)
     arch = arch_from_source(source)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from shoal.config import ModelConfig
-from shoal.engine_args import add_model_args
+from shoal.entrypoints.engine_args import add_model_args
 from shoal.model.arch import arch_from_source
 from shoal.model.llama import Int8Linear
 from shoal.model.loader import load_model
@@ -193,7 +193,7 @@ def test_default_model_int8_logits_track_float32() -> None:
     alone (float32 activations) give 97.7%, 7-bit weights + 8-bit per-token activations
     without outlier channels ~92%, 8-bit weights + 7-bit activations ~84%. Greedy
     continuations drift from float32's after some tokens (a near-tie flips)."""
-    from shoal.frontend.tokenizer import Tokenizer
+    from shoal.processing.tokenizer import Tokenizer
     from tests.model.paged import PagedDriver
 
     source = resolve_model(None)

@@ -431,7 +431,7 @@ def guard_launcher_main(mode: str, frontend_binary: str = "") -> None:
         keep.append(manager)
     elif mode == "engine":
         from shoal.config import ShoalConfig
-        from shoal.serving.engine_proc import CoreEngineProcManager
+        from shoal.engine.manager import CoreEngineProcManager
 
         engines = CoreEngineProcManager(ShoalConfig(), 1, target_fn=bare_engine)
         first = engines.processes[0]

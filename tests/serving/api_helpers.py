@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import httpx
 
+from shoal.engine.manager import CoreEngineProcManager
+from shoal.entrypoints.launcher import bind_listen_socket
+from shoal.entrypoints.serve_args import config_from_args
 from shoal.runtime.addresses import get_engine_client_zmq_addr
 from shoal.runtime.managers import APIServerProcessManager
-from shoal.serving.args import config_from_args
-from shoal.serving.engine_proc import CoreEngineProcManager
-from shoal.serving.launcher import bind_listen_socket
 from tests.serving.conftest import TINY_FLAGS, ServeProcess, start_serve
 
 TIMEOUT_S = 60.0

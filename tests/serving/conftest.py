@@ -1,6 +1,6 @@
 """Fixtures of the serving tests: a real `shoal serve` subprocess on a free port.
 
-`start_serve(argv)` runs `python -m shoal.cli serve ... --port 0`, reads its log (stderr and
+`start_serve(argv)` runs `python -m shoal.entrypoints.cli serve ... --port 0`, reads its log (stderr and
 stdout merged) on a thread, and returns once the launcher logs "shoal is ready at <url>".
 `ServeProcess.stop()` sends a signal and waits; `kill_everything()` is the safety net that
 leaves no process of the run behind.
@@ -52,7 +52,7 @@ class ServeProcess:
             else:
                 full_env[key] = value
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal.cli", "serve", *argv],
+            [sys.executable, "-m", "shoal.entrypoints.cli", "serve", *argv],
             env=full_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from shoal.serving.engine_proc import run_engine_core
+from shoal.engine.manager import run_engine_core
 
 
 def run_engine_core_failing_on_boom(*args: Any) -> None:
     """`run_engine_core`, except that a step holding a request whose id starts with "boom"
     raises: the stand-in for a fatal model or scheduler error."""
-    from shoal.core.engine_core import EngineCore
+    from shoal.engine.core import EngineCore
 
     real_step = EngineCore.step
 
@@ -33,7 +33,7 @@ def run_engine_core_hanging_on_hang(*args: Any) -> None:
     returns (the stand-in for a wedged kernel or a deadlock); SIGKILL ends it."""
     import time
 
-    from shoal.core.engine_core import EngineCore
+    from shoal.engine.core import EngineCore
 
     real_step = EngineCore.step
 

@@ -10,6 +10,7 @@ from typing import Any
 import zmq
 
 from shoal.config import CacheConfig, ModelConfig, SchedulerConfig, ShoalConfig
+from shoal.engine.manager import CoreEngineProcManager
 from shoal.protocol import (
     ENGINE_CORE_DEAD,
     AbortRequest,
@@ -27,7 +28,6 @@ from shoal.protocol import (
 )
 from shoal.runtime.addresses import bind_zmq_socket, get_engine_client_zmq_addr, unlink_ipc_address
 from shoal.sampling_params import SamplingParams
-from shoal.serving.engine_proc import CoreEngineProcManager
 
 TIMEOUT_S = 60.0
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from shoal.serving.admission import AdmissionControl
+from shoal.api.admission import AdmissionControl
 from tests.serving.api_helpers import TIMEOUT_S, get_metrics, metric, running_server, wait_until
 from tests.serving.conftest import ServeProcess
 

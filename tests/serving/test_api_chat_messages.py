@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.tokenizer import Tokenizer
 from tests.serving.api_helpers import TIMEOUT_S, running_server
 from tests.serving.conftest import ServeProcess
 

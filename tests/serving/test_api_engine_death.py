@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from shoal.serving.args import make_serve_parser
+from shoal.entrypoints.serve_args import make_serve_parser
 from tests.serving.api_helpers import (
     TIMEOUT_S,
     Topology,
@@ -32,8 +32,8 @@ LONG = {"prompt": "A long answer", "max_tokens": 200, "ignore_eos": True, "strea
 def run_engine_core_dying_on_boom(*args: object) -> None:
     """`run_engine_core`, except that a step raises once it holds a request whose id contains
     "boom" (set through x-request-id): a fatal engine error, reported as ENGINE_CORE_DEAD."""
-    from shoal.core.engine_core import EngineCore
-    from shoal.serving.engine_proc import run_engine_core
+    from shoal.engine.core import EngineCore
+    from shoal.engine.manager import run_engine_core
 
     real_step = EngineCore.step
 

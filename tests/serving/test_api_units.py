@@ -9,14 +9,14 @@ import sys
 import msgspec
 import pytest
 
-from shoal.protocol import SchedulerStats
-from shoal.serving.asgi import error_for
-from shoal.serving.metrics import HISTOGRAMS, MetricsStore
-from shoal.serving.openai_protocol import (
+from shoal.api.asgi import error_for
+from shoal.api.metrics import HISTOGRAMS, MetricsStore
+from shoal.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     validation_param,
 )
+from shoal.protocol import SchedulerStats
 
 
 def _decode(type_: type, body: bytes) -> object:
@@ -172,8 +172,8 @@ def test_store_without_directory_counts_this_process_only() -> None:
 def test_api_server_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import shoal.serving.api_server, shoal.serving.engine_client\n"
-        "import shoal.serving.openai_routes, shoal.serving.metrics\n"
+        "import shoal.api.server, shoal.engine.client\n"
+        "import shoal.api.routes, shoal.api.metrics\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

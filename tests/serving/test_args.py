@@ -8,9 +8,13 @@ import sys
 
 import pytest
 
-from shoal.cli import main
 from shoal.config import ShoalConfig
-from shoal.serving.args import DEFAULT_SHUTDOWN_TIMEOUT_S, config_from_args, make_serve_parser
+from shoal.entrypoints.cli import main
+from shoal.entrypoints.serve_args import (
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    config_from_args,
+    make_serve_parser,
+)
 
 
 def _parse(*argv: str):
@@ -105,10 +109,10 @@ def test_cli_reports_a_bad_flag_with_exit_2(capsys: pytest.CaptureFixture[str]) 
 
 def test_serve_help_does_not_import_torch() -> None:
     code = (
-        "import sys; from shoal.cli import main\n"
+        "import sys; from shoal.entrypoints.cli import main\n"
         "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
-        "assert 'shoal.serving.launcher' not in sys.modules\n"
+        "assert 'shoal.entrypoints.launcher' not in sys.modules\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
-from shoal.serving.admission import AdmissionControl
-from shoal.serving.asgi import App, Handler, Request, Response, StreamingResponse
+from shoal.api.admission import AdmissionControl
+from shoal.api.asgi import App, Handler, Request, Response, StreamingResponse
 from tests.serving.api_helpers import get_metrics, metric, wait_until
 from tests.serving.conftest import ServeProcess
 

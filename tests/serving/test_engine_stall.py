@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from shoal.entrypoints.serve_args import config_from_args, make_serve_parser
 from shoal.protocol import EngineCoreOutputs, EngineDead
-from shoal.serving.args import config_from_args, make_serve_parser
 from tests.serving.api_helpers import TIMEOUT_S, hand_built_topology
 from tests.serving.conftest import TINY_FLAGS
 from tests.serving.engine_faults import run_engine_core_hanging_on_hang

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from shoal.engine.manager import CoreEngineProcManager
 from shoal.protocol import EngineCoreRequest, FinishReason
 from shoal.sampling_params import SamplingParams
-from shoal.serving.engine_proc import CoreEngineProcManager
 from tests.helpers import TINY_LLAMA_CONFIG, make_tiny_model_dir
 from tests.serving.engine_harness import FakeApiServers, make_request, tiny_config, tokens
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from shoal.serving.admission import AdmissionControl
-from shoal.serving.api_server import _api_key_guard
-from shoal.serving.args import config_from_args, make_serve_parser
-from shoal.serving.asgi import MAX_BODY_BYTES, App, Request, Response, StreamingResponse
+from shoal.api.admission import AdmissionControl
+from shoal.api.asgi import MAX_BODY_BYTES, App, Request, Response, StreamingResponse
+from shoal.api.server import _api_key_guard
+from shoal.entrypoints.serve_args import config_from_args, make_serve_parser
 
 SECRET = "secret-detail /srv/shoal/internal.py line 42"
 

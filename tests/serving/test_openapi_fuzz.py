@@ -12,7 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
-from shoal.serving.openapi import build_openapi
+from shoal.api.openapi import build_openapi
 from tests.serving.api_helpers import TIMEOUT_S, running_server
 from tests.serving.conftest import ServeProcess
 

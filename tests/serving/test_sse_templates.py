@@ -10,15 +10,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from shoal.serving.asgi import StreamingResponse
-from shoal.serving.openai_protocol import (
+from shoal.api.asgi import StreamingResponse
+from shoal.api.protocol import (
     ChatCompletionChunk,
     ChatStreamChoice,
     CompletionChoice,
     CompletionResponse,
     DeltaMessage,
 )
-from shoal.serving.openai_routes import _chat_template, _completion_template
+from shoal.api.routes import _chat_template, _completion_template
 
 _encode = msgspec.json.Encoder().encode
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
+from shoal.engine.coordinator import DPCoordinator
 from shoal.protocol import DPStats, EngineLoad, decoder, encode
 from shoal.runtime.addresses import ipc_path
-from shoal.serving.coordinator import DPCoordinator
 
 
 @pytest.fixture

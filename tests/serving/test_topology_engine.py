@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from shoal.engine.manager import CoreEngineProcManager
 from shoal.protocol import (
     EngineCoreOutputs,
     EngineDead,
@@ -20,7 +21,6 @@ from shoal.protocol import (
 )
 from shoal.protocol import engine_identity as ident
 from shoal.runtime.procs import SPAWN_CTX
-from shoal.serving.engine_proc import CoreEngineProcManager
 from tests.helpers import make_tiny_model_dir
 from tests.serving.engine_faults import exit_with_code_3, run_engine_core_failing_on_boom
 from tests.serving.engine_harness import FakeApiServers, make_request, tiny_config, tokens

@@ -12,8 +12,8 @@ import pytest
 
 from shoal import envs
 from shoal.config import CacheConfig, ModelConfig, ShoalConfig
-from shoal.serving import usage_stats
-from shoal.serving.usage_stats import STATS_FILE, report_usage_stats
+from shoal.engine import usage_stats
+from shoal.engine.usage_stats import STATS_FILE, report_usage_stats
 
 CONFIG = ShoalConfig(
     model=ModelConfig(model="/secret/path/model", dtype="float32"), cache=CacheConfig(block_size=32)

@@ -14,6 +14,9 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shoal.engine.client import WIRE_DECODE_ERRORS
+from shoal.engine.coordinator import _LoadTable
+from shoal.engine.io_threads import EngineIO
 from shoal.protocol import (
     AbortRequest,
     DPStats,
@@ -36,9 +39,6 @@ from shoal.protocol import (
     engine_dead_frame,
 )
 from shoal.sampling_params import SamplingParams
-from shoal.serving.coordinator import _LoadTable
-from shoal.serving.engine_client import WIRE_DECODE_ERRORS
-from shoal.serving.engine_io import EngineIO
 
 WIRE_TYPES = (
     EngineCoreRequest,

@@ -19,8 +19,8 @@ from shoal.config import (
     SchedulerConfig,
     ShoalConfig,
 )
-from shoal.engine_args import add_engine_args, add_model_args
-from shoal.engine_args import config_default as _default
+from shoal.entrypoints.engine_args import add_engine_args, add_model_args
+from shoal.entrypoints.engine_args import config_default as _default
 
 # Seconds SIGINT / SIGTERM give in-flight requests to finish before they are aborted.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from shoal.frontend.detokenizer import IncrementalDetokenizer, find_stop_string, stop_prefix_len
-from shoal.frontend.outputs import (
+from shoal.processing.detokenizer import IncrementalDetokenizer, find_stop_string, stop_prefix_len
+from shoal.processing.outputs import (
     CompletionOutput,
     Logprob,
     RequestOutput,
     RequestOutputKind,
     SampleLogprobs,
 )
-from shoal.frontend.processor import ProcessedRequest
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.processor import ProcessedRequest
+from shoal.processing.tokenizer import Tokenizer
 from shoal.protocol import EngineCoreOutput, TokenLogprobs
 from shoal.sampling_params import SamplingParams
 

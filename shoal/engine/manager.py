@@ -24,6 +24,8 @@ import msgspec
 import zmq
 
 from shoal.config import ShoalConfig
+from shoal.engine.core_proc import EngineCoreProc
+from shoal.engine.usage_stats import report_usage_stats
 from shoal.envs import ENVS
 from shoal.logger import init_logger
 from shoal.protocol import EngineAddresses, EngineReady, decoder, encode, engine_dead_frame
@@ -36,8 +38,6 @@ from shoal.runtime.procs import (
     guarded_process,
     start_process,
 )
-from shoal.serving.engine_loop import EngineCoreProc
-from shoal.serving.usage_stats import report_usage_stats
 
 logger = init_logger(__name__)
 

@@ -11,12 +11,9 @@ from typing import Any
 import jinja2
 import msgspec
 
-from shoal.frontend.outputs import RequestOutput, RequestOutputKind
-from shoal.frontend.processor import ProcessedRequest
-from shoal.frontend.tokenizer import Tokenizer
-from shoal.serving.asgi import HTTPError, Request, Response, StreamingResponse, json_response
-from shoal.serving.async_engine import AsyncEngine
-from shoal.serving.openai_format import (
+from shoal.api.asgi import HTTPError, Request, Response, StreamingResponse, json_response
+from shoal.api.async_engine import AsyncEngine
+from shoal.api.formatting import (
     EngineRequestError,
     chat_logprobs,
     check_finish,
@@ -25,7 +22,7 @@ from shoal.serving.openai_format import (
     merge,
     usage_of,
 )
-from shoal.serving.openai_protocol import (
+from shoal.api.protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -40,6 +37,9 @@ from shoal.serving.openai_protocol import (
     now_s,
     random_id,
 )
+from shoal.processing.outputs import RequestOutput, RequestOutputKind
+from shoal.processing.processor import ProcessedRequest
+from shoal.processing.tokenizer import Tokenizer
 
 _encode = msgspec.json.Encoder().encode
 

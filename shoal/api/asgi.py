@@ -23,10 +23,10 @@ from typing import Any
 
 import msgspec
 
+from shoal.api.admission import RETRY_AFTER_S, AdmissionControl
+from shoal.api.protocol import ErrorInfo, ErrorResponse, validation_param
+from shoal.engine.client import EngineDeadError, ServerShuttingDownError
 from shoal.logger import init_logger
-from shoal.serving.admission import RETRY_AFTER_S, AdmissionControl
-from shoal.serving.engine_client import EngineDeadError, ServerShuttingDownError
-from shoal.serving.openai_protocol import ErrorInfo, ErrorResponse, validation_param
 
 logger = init_logger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenizers.decoders import DecodeStream
 
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.tokenizer import Tokenizer
 
 # Prompt tokens the decode stream is primed with: enough for a decoder that strips the
 # leading space of the first token (sentencepiece) to see it is not first.

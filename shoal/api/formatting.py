@@ -7,15 +7,15 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
-from shoal.frontend.outputs import CompletionOutput, Logprob, RequestOutput
-from shoal.frontend.tokenizer import Tokenizer
-from shoal.serving.openai_protocol import (
+from shoal.api.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
     TopLogprob,
     UsageInfo,
 )
+from shoal.processing.outputs import CompletionOutput, Logprob, RequestOutput
+from shoal.processing.tokenizer import Tokenizer
 
 T = TypeVar("T")
 

@@ -149,7 +149,7 @@ RESERVED_CHAT_TEMPLATE_KWARGS = frozenset(
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     # OpenAI's message shapes (null content beside tool_calls, tool messages, text parts,
-    # `name`) are checked by shoal.frontend.chat_template, which also serves the offline
+    # `name`) are checked by shoal.processing.chat_template, which also serves the offline
     # LLM.chat and /tokenize: errors name `messages[i].field`, or the message the template
     # cannot render.
     messages: list[Any]

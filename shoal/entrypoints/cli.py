@@ -8,10 +8,10 @@ import sys
 
 # subcommand -> module defining `register(subparsers)`; the parser it adds sets `func`.
 SUBCOMMANDS: dict[str, str] = {
-    "serve": "shoal.serving.cli",
-    "generate": "shoal.frontend.cli",
-    "chat": "shoal.frontend.cli",
-    "bench": "shoal.bench_cli",
+    "serve": "shoal.entrypoints.serve",
+    "generate": "shoal.entrypoints.generate",
+    "chat": "shoal.entrypoints.generate",
+    "bench": "shoal.entrypoints.bench",
 }
 
 

@@ -8,7 +8,7 @@
 Signals only set `shutdown_requested`; the loop then drains in-flight requests (up to
 `drain_timeout_s`, and only while an API server is still connected to receive them), aborts
 the rest, sends the final outputs and returns. The process entry point and the launcher side
-(`CoreEngineProcManager`) are in `shoal.serving.engine_proc`.
+(`CoreEngineProcManager`) are in `shoal.engine.manager`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from shoal.config import ShoalConfig
+from shoal.engine.io_threads import EngineIO
 from shoal.logger import init_logger
 from shoal.protocol import (
     AbortRequest,
@@ -39,10 +40,9 @@ from shoal.protocol import (
     UtilityRequest,
     encode,
 )
-from shoal.serving.engine_io import EngineIO
 
 if TYPE_CHECKING:
-    from shoal.core.engine_core import EngineCore
+    from shoal.engine.core import EngineCore
 
 logger = init_logger(__name__)
 
@@ -70,7 +70,7 @@ class EngineCoreProc:
         stall_exit_s: float | None = None,
     ) -> None:
         # Imported here so the launcher (which imports this module) never imports torch.
-        from shoal.core.engine_core import EngineCore
+        from shoal.engine.core import EngineCore
 
         self.engine_index = engine_index
         self.config = config

@@ -10,7 +10,7 @@ its engine and its client gets a 503, or a stream a final error event and `[DONE
 This process never imports torch.
 
 With --restart-dead-engines, `EngineDeadError` from a generation route becomes 503 with
-`Retry-After` (`_retry_later`); without it, 503 as shoal.serving.asgi maps it.
+`Retry-After` (`_retry_later`); without it, 503 as shoal.api.asgi maps it.
 With SHOAL_SERVER_DEV_MODE=1, `GET /debug/kv_cache` runs every live engine's block-pool
 integrity check (a UTILITY call) and reports its block counts.
 """
@@ -34,14 +34,8 @@ import uvicorn
 import uvloop
 
 import shoal
-from shoal.envs import ENVS
-from shoal.frontend.tokenizer import Tokenizer
-from shoal.logger import init_logger
-from shoal.model_source import resolve_model
-from shoal.runtime.addresses import ipc_path
-from shoal.runtime.child import exit_now, init_child_process
-from shoal.serving.admission import RETRY_AFTER_S, AdmissionControl
-from shoal.serving.asgi import (
+from shoal.api.admission import RETRY_AFTER_S, AdmissionControl
+from shoal.api.asgi import (
     MAX_BODY_BYTES,
     App,
     HTTPError,
@@ -52,22 +46,28 @@ from shoal.serving.asgi import (
     error_for,
     json_response,
 )
-from shoal.serving.async_engine import AsyncEngine
-from shoal.serving.engine_client import EngineClient, EngineDeadError
-from shoal.serving.metrics import MetricsStore
-from shoal.serving.openai_protocol import (
+from shoal.api.async_engine import AsyncEngine
+from shoal.api.metrics import MetricsStore
+from shoal.api.openapi import build_openapi
+from shoal.api.protocol import (
     DetokenizeRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     now_s,
 )
-from shoal.serving.openai_routes import (
+from shoal.api.routes import (
     ServingContext,
     create_chat_completion,
     create_completion,
 )
-from shoal.serving.openapi import build_openapi
+from shoal.engine.client import EngineClient, EngineDeadError
+from shoal.envs import ENVS
+from shoal.logger import init_logger
+from shoal.model_source import resolve_model
+from shoal.processing.tokenizer import Tokenizer
+from shoal.runtime.addresses import ipc_path
+from shoal.runtime.child import exit_now, init_child_process
 
 logger = init_logger(__name__)
 
@@ -91,7 +91,7 @@ def run_api_server_worker_proc(
 
     `client_config`: `input_address`, `output_address`, `client_index`, `client_count`,
     `actual_address_pipe` and optionally `stats_update_address` (from
-    `APIServerProcessManager`). `args`: the `shoal serve` namespace (shoal.serving.args).
+    `APIServerProcessManager`). `args`: the `shoal serve` namespace (shoal.entrypoints.serve_args).
     Exits 0 after a signal-initiated shutdown, without interpreter teardown (`exit_now`);
     raises (exit 1) when start-up fails.
     """
@@ -330,7 +330,7 @@ async def _retry_later(
     """`handler`, with an engine death before the response started (a dead engine, no live
     engine, or the request's own engine died: --restart-dead-engines) answered by 503, an
     OpenAI error body and `Retry-After`. Streams that already started end with an error
-    event instead (shoal.serving.asgi)."""
+    event instead (shoal.api.asgi)."""
     try:
         return await handler(ctx, request)
     except EngineDeadError as e:  # ServerShuttingDownError too: retry on another server
@@ -413,7 +413,7 @@ async def metrics_route(
     ctx: ServingContext, admission: AdmissionControl | None, request: Request
 ) -> Response:
     """Prometheus text; every API server of the run answers with the same figures (see
-    shoal.serving.metrics). `x-shoal-server` names the one that answered."""
+    shoal.api.metrics). `x-shoal-server` names the one that answered."""
     text = ctx.engine.metrics.render(ctx.model_name)
     text += _admission_metrics(admission, ctx.model_name)
     role = f"ApiServer_{ctx.engine.client.client_index}".encode()
@@ -425,7 +425,7 @@ async def metrics_route(
 
 
 def _admission_metrics(admission: AdmissionControl | None, model_name: str) -> str:
-    """Admission figures over every API server (shoal.serving.admission)."""
+    """Admission figures over every API server (shoal.api.admission)."""
     if admission is None:
         return ""
     label = "{" + f"model_name={msgspec.json.encode(model_name).decode()}" + "}"

@@ -21,15 +21,15 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shoal.frontend.output_processor import OutputProcessor
-from shoal.frontend.outputs import RequestOutput, RequestOutputKind
-from shoal.frontend.processor import InputProcessor, ProcessedRequest, PromptType
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.api.metrics import HISTOGRAMS, MetricsStore
+from shoal.engine.client import EngineClient, EngineDeadError, ServerShuttingDownError
 from shoal.logger import init_logger
+from shoal.processing.output_processor import OutputProcessor
+from shoal.processing.outputs import RequestOutput, RequestOutputKind
+from shoal.processing.processor import InputProcessor, ProcessedRequest, PromptType
+from shoal.processing.tokenizer import Tokenizer
 from shoal.protocol import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from shoal.sampling_params import SamplingParams
-from shoal.serving.engine_client import EngineClient, EngineDeadError, ServerShuttingDownError
-from shoal.serving.metrics import HISTOGRAMS, MetricsStore
 
 logger = init_logger(__name__)
 

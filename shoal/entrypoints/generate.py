@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 import msgspec
 
 from shoal.config import ModelConfig
-from shoal.engine_args import add_engine_args, add_model_args
-from shoal.engine_args import config_default as _default
+from shoal.entrypoints.engine_args import add_engine_args, add_model_args
+from shoal.entrypoints.engine_args import config_default as _default
 from shoal.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from shoal.frontend.llm import LLM
+    from shoal.entrypoints.llm import LLM
 
 EXIT_COMMANDS = ("/exit", "/quit")
 CHAT_MAX_TOKENS = 512
@@ -135,7 +135,7 @@ def _sampling_params(args: argparse.Namespace, **extra: Any) -> SamplingParams:
 
 def _load_llm(args: argparse.Namespace) -> LLM:
     """Build the LLM, telling stderr what is loading and how long it took."""
-    from shoal.frontend.llm import LLM
+    from shoal.entrypoints.llm import LLM
 
     name = args.model or "the default model (SmolLM2-135M-Instruct)"
     print(f"Loading {name} ...", file=sys.stderr, flush=True)

@@ -12,12 +12,12 @@ from typing import Any
 from tqdm import tqdm
 
 from shoal.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, ShoalConfig
-from shoal.engine_args import config_default as _default
-from shoal.frontend.output_processor import OutputProcessor
-from shoal.frontend.outputs import RequestOutput, RequestOutputKind
-from shoal.frontend.processor import InputProcessor, ProcessedRequest, PromptType
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.entrypoints.engine_args import config_default as _default
 from shoal.logger import init_logger
+from shoal.processing.output_processor import OutputProcessor
+from shoal.processing.outputs import RequestOutput, RequestOutputKind
+from shoal.processing.processor import InputProcessor, ProcessedRequest, PromptType
+from shoal.processing.tokenizer import Tokenizer
 from shoal.protocol import EngineCoreOutput, SchedulerStats
 from shoal.sampling_params import SamplingParams
 
@@ -76,7 +76,7 @@ class InprocEngineClient:
 
     def __init__(self, config: ShoalConfig) -> None:
         # Imported here: the torch-free front-end modules must not pull in the engine.
-        from shoal.core.engine_core import EngineCore
+        from shoal.engine.core import EngineCore
 
         self.engine_core = EngineCore(config)
         self.totals = EngineTotals()

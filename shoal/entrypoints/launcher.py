@@ -25,14 +25,14 @@ from types import FrameType
 from typing import Any
 
 from shoal.config import ShoalConfig
+from shoal.engine.coordinator import DPCoordinator
+from shoal.engine.manager import READY_TIMEOUT_HINT, CoreEngineProcManager
+from shoal.entrypoints.serve_args import config_from_args
 from shoal.envs import ENVS
 from shoal.logger import init_logger
 from shoal.model_source import resolve_model
 from shoal.runtime.addresses import remove_ipc_run_dir, unlink_ipc_address
 from shoal.runtime.procs import exitcode_after_exit
-from shoal.serving.args import config_from_args
-from shoal.serving.coordinator import DPCoordinator
-from shoal.serving.engine_proc import READY_TIMEOUT_HINT, CoreEngineProcManager
 from shoal.utils import (
     APIServerProcessManager,
     get_engine_client_zmq_addr,

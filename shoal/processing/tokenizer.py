@@ -10,11 +10,11 @@ from typing import Any
 from tokenizers import AddedToken, decoders, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from shoal.frontend.chat_template import render_chat
-from shoal.frontend.gguf_metadata import read_gguf_metadata
-from shoal.frontend.gguf_tokenizer import build_gguf_backend, token_string
 from shoal.logger import init_logger
 from shoal.model_source import resolve_model
+from shoal.processing.chat_template import render_chat
+from shoal.processing.gguf_metadata import read_gguf_metadata
+from shoal.processing.gguf_tokenizer import build_gguf_backend, token_string
 
 logger = init_logger(__name__)
 

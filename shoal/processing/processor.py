@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from shoal.frontend.tokenizer import Tokenizer
+from shoal.processing.tokenizer import Tokenizer
 from shoal.protocol import EngineCoreRequest
 from shoal.sampling_params import SamplingParams
 

@@ -2,7 +2,7 @@
 
 Request and response schemas come from `msgspec.json.schema_components`, so the document
 never drifts from what the server decodes. Every error response is the OpenAI error body
-(`ErrorResponse`). It describes the routes of `shoal.serving.api_server.build_app`.
+(`ErrorResponse`). It describes the routes of `shoal.api.server.build_app`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 import shoal
-from shoal.serving.openai_protocol import (
+from shoal.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,

@@ -6,7 +6,7 @@ import argparse
 import gc
 from typing import Any
 
-from shoal.serving.args import add_serve_args, config_from_args
+from shoal.entrypoints.serve_args import add_serve_args, config_from_args
 
 
 def register(subparsers: Any) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     config_from_args(args)  # bad flags fail before anything heavy is imported
     # Imported here so `shoal --help` and `shoal serve --help` stay fast.
-    from shoal.serving.launcher import run_serve
+    from shoal.entrypoints.launcher import run_serve
 
     code = run_serve(args)
     # Every child is gone: spare the interpreter's final collection of the launcher's objects

@@ -1,1 +1,0 @@
-"""Front-end work shared by the API server and offline LLM: tokenize, detokenize, stop strings."""

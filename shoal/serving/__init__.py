@@ -1,1 +1,0 @@
-"""`shoal serve`: launcher, engine-core processes, DP coordinator, API servers."""
