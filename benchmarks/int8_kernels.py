@@ -53,7 +53,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from shoal.model.gguf_quant import Q4Linear  # noqa: E402
-from shoal.model.llama import Int8Linear  # noqa: E402
+from shoal.model.int8 import Int8Linear  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 heads / 3 KV heads of 64, intermediate 1536, vocab 49152.
 SHAPES = {

@@ -35,7 +35,10 @@ from shoal import LLM, SamplingParams  # noqa: E402
 # "file:function" suffix). Measured in this order; each is a disjoint part of the step.
 BUCKETS = [
     ("attention (paged_attention)", ["attention.py:paged_attention"]),
-    ("LM head (compute_logits)", ["llama.py:compute_logits"]),
+    (
+        "LM head (compute_logits, greedy head)",
+        ["llama.py:compute_logits", "greedy_head.py:token_ids"],
+    ),
     ("sampling (sample)", ["sampler.py:sample"]),
     (
         "input preparation (_prepare_inputs, _update_states)",
@@ -72,16 +75,8 @@ def _cumtime(stats: pstats.Stats, suffix: str) -> float:
 
 
 def _forward_time(stats: pstats.Stats) -> float:
-    """Cumulative time of the model's top-level forward (not the layers' `forward`s)."""
-    import inspect
-
-    from shoal.model.llama import LlamaForCausalLM
-
-    line = inspect.getsourcelines(LlamaForCausalLM.forward)[1]
-    for (filename, lineno, name), row in stats.stats.items():  # type: ignore[attr-defined]
-        if filename.endswith("llama.py") and name == "forward" and lineno == line:
-            return float(row[3])
-    return 0.0
+    """Cumulative time of the runner's forward pass (the plain layers or the fused decode)."""
+    return _cumtime(stats, "model_runner.py:_forward")
 
 
 def _builtin_torch_time(stats: pstats.Stats) -> float:
@@ -119,7 +114,7 @@ def profile_batch(llm: LLM, batch: int, args: argparse.Namespace, rng: random.Ra
     # the decode steps only.
     decode = _profiled(llm, random_prompts(vocab, batch, args.input_len, rng), args.output_len + 1)
     prefill = _profiled(llm, random_prompts(vocab, batch, args.input_len, rng), 1)
-    step_total = _cumtime(decode, "engine_core.py:step") - _cumtime(prefill, "engine_core.py:step")
+    step_total = _cumtime(decode, "core.py:step") - _cumtime(prefill, "core.py:step")
     steps = args.output_len
     print(f"profiled decode step: {step_total / steps * 1e3:.1f} ms CPU; of which")
     accounted = 0.0

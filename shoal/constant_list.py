@@ -1,4 +1,4 @@
-"""`ConstantList`: a read-only view of a list (seed-contracts §2.1)."""
+"""`ConstantList`: a read-only view of a list (its contract: docs/api.md)."""
 
 from __future__ import annotations
 

@@ -18,14 +18,13 @@ from shoal.sampling_params import SamplingParams
 
 
 class RequestType(bytes, enum.Enum):
-    """First frame of every API server -> engine message."""
+    """First frame of every API server -> engine message. The bytes keep the seed's
+    numbering; its 0x02 (START_DP_WAVE), 0x04 (EXECUTOR_FAILED) and 0x05 (WAKEUP) are not
+    sent here, so an engine drops them as malformed."""
 
     ADD = b"\x00"
     ABORT = b"\x01"
-    START_DP_WAVE = b"\x02"
     UTILITY = b"\x03"
-    EXECUTOR_FAILED = b"\x04"
-    WAKEUP = b"\x05"
 
 
 # Prefix of the dead notice an engine (or the launcher on its behalf) sends on every output

@@ -1,4 +1,4 @@
-"""ConstantList: a read-only live view (seed-contracts §2.1)."""
+"""ConstantList: a read-only live view (its contract: docs/api.md)."""
 
 from __future__ import annotations
 

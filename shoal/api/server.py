@@ -1,4 +1,4 @@
-"""The API-server process: `run_api_server_worker_proc` and the routes of its ASGI app.
+"""The API-server process: `run_api_server_worker_proc`, from start-up to exit.
 
 Start-up of `ApiServer_<i>`: bind ROUTER + PULL and report them (EngineClient), load the
 tokenizer, wait for every engine's EngineReady (deadline), then serve HTTP with uvicorn
@@ -7,12 +7,8 @@ before serving, exit at once; while serving, stop accepting and let in-flight re
 for `--shutdown-timeout` seconds (the engines keep generating for them: the launcher stops
 them only after the API servers), then fail the rest (`_DrainingServer`): each is aborted in
 its engine and its client gets a 503, or a stream a final error event and `[DONE]`; exit 0.
-This process never imports torch.
-
-With --restart-dead-engines, `EngineDeadError` from a generation route becomes 503 with
-`Retry-After` (`_retry_later`); without it, 503 as shoal.api.asgi maps it.
-With SHOAL_SERVER_DEV_MODE=1, `GET /debug/kv_cache` runs every live engine's block-pool
-integrity check (a UTILITY call) and reports its block counts.
+This process never imports torch. Its settings are one `ServerConfig` (shoal.config); its
+routes are wired by shoal.api.app.
 """
 
 from __future__ import annotations
@@ -20,54 +16,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import os
-import secrets
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from types import FrameType
 from typing import Any
 
-import msgspec
 import uvicorn
 import uvloop
 
-import shoal
-from shoal.api.admission import RETRY_AFTER_S, AdmissionControl
-from shoal.api.asgi import (
-    MAX_BODY_BYTES,
-    App,
-    HTTPError,
-    Request,
-    Response,
-    StreamingResponse,
-    error_body,
-    error_for,
-    json_response,
-)
+from shoal.api.admission import AdmissionControl
+from shoal.api.app import build_app
+from shoal.api.asgi import App
 from shoal.api.async_engine import AsyncEngine
 from shoal.api.metrics import MetricsStore
-from shoal.api.openapi import build_openapi
-from shoal.api.protocol import (
-    DetokenizeRequest,
-    ModelCard,
-    ModelList,
-    TokenizeRequest,
-    now_s,
-)
-from shoal.api.routes import (
-    ServingContext,
-    create_chat_completion,
-    create_completion,
-)
-from shoal.engine.client import EngineClient, EngineDeadError
+from shoal.api.routes import ServingContext
+from shoal.config import ServerConfig
+from shoal.engine.client import EngineClient
 from shoal.envs import ENVS
 from shoal.logger import init_logger
 from shoal.model_source import resolve_model
 from shoal.processing.tokenizer import Tokenizer
 from shoal.runtime.addresses import ipc_path
 from shoal.runtime.child import exit_now, init_child_process
+from shoal.runtime.restart import EngineRestartPolicy
 
 logger = init_logger(__name__)
 
@@ -83,7 +56,7 @@ _CANCELLED_CLEANUP_S = 0.5
 def run_api_server_worker_proc(
     listen_address: str,
     sock: socket.socket,
-    args: argparse.Namespace,
+    args: ServerConfig | argparse.Namespace,
     client_config: dict[str, Any] | None = None,
     **uvicorn_kwargs: Any,
 ) -> None:
@@ -91,15 +64,27 @@ def run_api_server_worker_proc(
 
     `client_config`: `input_address`, `output_address`, `client_index`, `client_count`,
     `actual_address_pipe` and optionally `stats_update_address` (from
-    `APIServerProcessManager`). `args`: the `shoal serve` namespace (shoal.entrypoints.serve_args).
-    Exits 0 after a signal-initiated shutdown, without interpreter teardown (`exit_now`);
-    raises (exit 1) when start-up fails.
+    `APIServerProcessManager`). `args`: the `ServerConfig` the launcher built, or (the seed's
+    contract) the `shoal serve` namespace, converted here once. Exits 0 after a
+    signal-initiated shutdown, without interpreter teardown (`exit_now`); raises (exit 1)
+    when start-up fails (`ValueError` naming the flag for a bad namespace).
     """
-    config = dict(client_config or {})
-    init_child_process(f"ApiServer_{int(config.get('client_index', 0))}")
+    client_config = dict(client_config or {})
+    init_child_process(f"ApiServer_{int(client_config.get('client_index', 0))}")
+    config = _server_config(args)
     _Signals.install()
-    uvloop.run(run_server_worker(listen_address, sock, args, config, **uvicorn_kwargs))
+    uvloop.run(run_server_worker(listen_address, sock, config, client_config, **uvicorn_kwargs))
     exit_now(0)  # served and shut down: skip the ~0.3 s of interpreter teardown
+
+
+def _server_config(args: ServerConfig | argparse.Namespace) -> ServerConfig:
+    if isinstance(args, ServerConfig):
+        return args
+    # A namespace of `shoal serve` flags: mapped where the flags are defined (imported here
+    # only: the launcher hands every API server a ServerConfig).
+    from shoal.entrypoints.serve_args import server_config_from_args
+
+    return server_config_from_args(args)
 
 
 class _Signals:
@@ -125,7 +110,7 @@ class _Signals:
 async def run_server_worker(
     listen_address: str,
     sock: socket.socket,
-    args: argparse.Namespace,
+    config: ServerConfig,
     client_config: dict[str, Any],
     **uvicorn_kwargs: Any,
 ) -> None:
@@ -135,33 +120,33 @@ async def run_server_worker(
         return
     client = EngineClient(
         client_config,
-        int(getattr(args, "data_parallel_size", 1)),
-        stall_timeout_s=getattr(args, "engine_stall_timeout", None) or None,
-        restart_engines=bool(getattr(args, "restart_dead_engines", False)),
+        config.data_parallel_size,
+        stall_timeout_s=config.stall_timeout_s,
+        restart_policy=EngineRestartPolicy.for_server(config),
     )
     metrics: MetricsStore | None = None
     admission: AdmissionControl | None = None
     engine: AsyncEngine | None = None
     server: _DrainingServer | None = None
     try:
-        tokenizer = await asyncio.to_thread(Tokenizer.from_model, args.tokenizer or args.model)
-        timeout_s = getattr(args, "engine_ready_timeout", None) or ENVS.engine_ready_timeout_s
-        if not await _unless_stopped(client.wait_for_engines(timeout_s)):
+        tokenizer = await asyncio.to_thread(Tokenizer.from_model, config.tokenizer or config.model)
+        if not await _unless_stopped(client.wait_for_engines(config.ready_timeout_s)):
             logger.info("shutdown requested during start-up")
             return
-        shared_dir = _metrics_dir(args, client_config)
+        shared_dir = _metrics_dir(client_config)
         metrics = MetricsStore(client.num_engines, shared_dir, client.client_index)
         admission = AdmissionControl(
-            getattr(args, "max_num_queued_requests", None),
+            config.max_num_queued_requests,
             shared_dir,
             client.client_index,
             int(client_config.get("client_count", 1)),
         )
-        engine = AsyncEngine(client, tokenizer, metrics, int(getattr(args, "stream_interval", 1)))
-        ctx = ServingContext(engine, tokenizer, _served_model_name(args, client))
-        app = build_app(ctx, args, admission)
-        drain_s = float(getattr(args, "shutdown_timeout", 5.0))
-        server = _DrainingServer(_uvicorn_config(app, args, uvicorn_kwargs), engine, drain_s)
+        engine = AsyncEngine(client, tokenizer, metrics, config.stream_interval)
+        ctx = ServingContext(engine, tokenizer, _served_model_name(config, client))
+        app = build_app(ctx, config, admission)
+        server = _DrainingServer(
+            _uvicorn_config(app, config, uvicorn_kwargs), engine, config.shutdown_timeout_s
+        )
         logger.info("serving %s at %s", ctx.model_name, listen_address)
         await server.serve(sockets=[sock])
     finally:
@@ -236,15 +221,13 @@ class _DrainingServer(uvicorn.Server):
             await asyncio.wait(tasks, timeout=timeout_s)
 
 
-def _uvicorn_config(
-    app: App, args: argparse.Namespace, overrides: dict[str, Any]
-) -> uvicorn.Config:
-    drain_s = float(getattr(args, "shutdown_timeout", 5.0))
+def _uvicorn_config(app: App, config: ServerConfig, overrides: dict[str, Any]) -> uvicorn.Config:
+    drain_s = config.shutdown_timeout_s
     options: dict[str, Any] = {
         "loop": "uvloop",  # informational: the loop is already uvloop (uvloop.run)
         "http": "httptools",
         "lifespan": "on",
-        "log_level": getattr(args, "uvicorn_log_level", "warning"),
+        "log_level": config.uvicorn_log_level,
         "access_log": False,
         "timeout_keep_alive": ENVS.http_timeout_keep_alive_s,
         # The backstop behind `_DrainingServer`'s deadline (drain_s): requests failed there
@@ -255,12 +238,9 @@ def _uvicorn_config(
     return uvicorn.Config(app, **options)
 
 
-def _metrics_dir(args: argparse.Namespace, client_config: dict[str, Any]) -> str | None:
-    """Where the API servers of this run share metrics: `args.metrics_dir`, else the private
+def _metrics_dir(client_config: dict[str, Any]) -> str | None:
+    """Where the API servers of this run share metrics (and admission counts): the private
     IPC directory of the run (next to our input socket; removed by the launcher)."""
-    explicit = getattr(args, "metrics_dir", None)
-    if explicit:
-        return str(explicit)
     path = ipc_path(str(client_config.get("input_address", "")))
     if path is None:
         if int(client_config.get("client_count", 1)) > 1:
@@ -269,216 +249,9 @@ def _metrics_dir(args: argparse.Namespace, client_config: dict[str, Any]) -> str
     return os.path.dirname(path)
 
 
-def _served_model_name(args: argparse.Namespace, client: EngineClient) -> str:
-    if getattr(args, "served_model_name", None):
-        return str(args.served_model_name)
+def _served_model_name(config: ServerConfig, client: EngineClient) -> str:
+    if config.served_model_name:
+        return config.served_model_name
     if client.engines and client.engines[0].model_name:
         return client.engines[0].model_name
-    return resolve_model(args.model).name
-
-
-# ----------------------------------------------------------------------------- the app
-
-
-def build_app(
-    ctx: ServingContext, args: argparse.Namespace, admission: AdmissionControl | None = None
-) -> App:
-    """The ASGI app with every route; `/v1/*` needs `Authorization: Bearer <api_key>` when
-    `args.api_key` is set; the generation routes hold an `admission` place while they run;
-    bodies over `args.max_request_body_bytes` get 413."""
-    max_body = getattr(args, "max_request_body_bytes", None) or MAX_BODY_BYTES
-    app = App(admission, max_body)
-    api_key = getattr(args, "api_key", None)
-    guard = _api_key_guard(api_key) if api_key else None
-
-    restarts = bool(getattr(args, "restart_dead_engines", False))
-
-    def v1(
-        handler: Callable[[ServingContext, Request], Awaitable[Response | StreamingResponse]],
-    ) -> Callable[[Request], Awaitable[Response | StreamingResponse]]:
-        if restarts:  # a dead engine comes back: tell clients when to retry
-            return functools.partial(_retry_later, handler, ctx)
-        return functools.partial(handler, ctx)
-
-    for path, handler in (
-        ("/v1/completions", create_completion),
-        ("/v1/chat/completions", create_chat_completion),
-    ):
-        app.route("POST", path, v1(handler), watch_disconnect=True, admit=True, guard=guard)
-    app.route("GET", "/v1/models", v1(list_models), guard=guard)
-    app.route("GET", "/health", functools.partial(health, ctx))
-    app.route("GET", "/metrics", functools.partial(metrics_route, ctx, admission))
-    app.route("GET", "/version", version)
-    openapi = Response(msgspec.json.encode(build_openapi(api_key=bool(api_key))))
-    app.route("GET", "/openapi.json", functools.partial(_constant, openapi))
-    app.route("POST", "/tokenize", functools.partial(tokenize, ctx))
-    app.route("POST", "/detokenize", functools.partial(detokenize, ctx))
-    if ENVS.server_dev_mode:
-        logger.warning("SHOAL_SERVER_DEV_MODE is set: serving GET /debug/kv_cache")
-        app.route("GET", "/debug/kv_cache", functools.partial(debug_kv_cache, ctx))
-    return app
-
-
-_RETRY_AFTER = [(b"retry-after", str(RETRY_AFTER_S).encode())]
-
-
-async def _retry_later(
-    handler: Callable[[ServingContext, Request], Awaitable[Response | StreamingResponse]],
-    ctx: ServingContext,
-    request: Request,
-) -> Response | StreamingResponse:
-    """`handler`, with an engine death before the response started (a dead engine, no live
-    engine, or the request's own engine died: --restart-dead-engines) answered by 503, an
-    OpenAI error body and `Retry-After`. Streams that already started end with an error
-    event instead (shoal.api.asgi)."""
-    try:
-        return await handler(ctx, request)
-    except EngineDeadError as e:  # ServerShuttingDownError too: retry on another server
-        status, body = error_for(e)
-        return Response(body, status, headers=list(_RETRY_AFTER))
-
-
-def _api_key_guard(api_key: str) -> Callable[[Request], None]:
-    """A guard refusing (401) requests without `Authorization: Bearer <api_key>`; the
-    comparison takes the same time wherever the given value first differs."""
-    expected = f"Bearer {api_key}".encode()
-
-    def check(request: Request) -> None:
-        given = request.headers.get("authorization", "").encode("latin-1")
-        if not secrets.compare_digest(given, expected):
-            raise HTTPError(401, "invalid or missing API key (Authorization: Bearer <key>)")
-
-    return check
-
-
-async def list_models(ctx: ServingContext, request: Request) -> Response:
-    card = ModelCard(
-        ctx.model_name, now_s(), ctx.engine.max_model_len, root=ctx.tokenizer.name_or_path or None
-    )
-    return json_response(ModelList([card]))
-
-
-async def health(ctx: ServingContext, request: Request) -> Response:
-    """200 (empty) while every engine is alive; 503 (with the reason) once one died. With
-    --restart-dead-engines: 200 with `{"status": "degraded", "engines_down": {k: reason}}`
-    while some engines restart and another serves; 503 + Retry-After while none can."""
-    reason = ctx.engine.dead_reason
-    if reason is not None:
-        return Response(error_body(503, f"the engine is not available: {reason}"), 503)
-    reason = ctx.engine.unavailable_reason
-    if reason is not None:
-        body = error_body(503, f"the engine is not available: {reason}")
-        return Response(body, 503, headers=list(_RETRY_AFTER))
-    down = ctx.engine.client.down
-    if down:
-        engines_down = {str(k): down[k] for k in sorted(down)}
-        return json_response({"status": "degraded", "engines_down": engines_down})
-    return Response(b"", 200)
-
-
-async def debug_kv_cache(ctx: ServingContext, request: Request) -> Response:
-    """Development only (SHOAL_SERVER_DEV_MODE=1): per engine `{engine_index, num_blocks,
-    num_free_blocks, integrity}`, from the engine's own block pool between two steps;
-    `integrity` is "ok" or the failed invariant (or why the engine could not answer)."""
-    client = ctx.engine.client
-
-    async def one(k: int) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "engine_index": k,
-            "num_blocks": None,
-            "num_free_blocks": None,
-            "integrity": "",
-        }
-        try:
-            output = await client.call_utility(k, "kv_cache_status")
-        except (EngineDeadError, TimeoutError) as e:
-            entry["integrity"] = f"unavailable: {e or 'no answer in time'}"
-            return entry
-        if output.kv_cache is None:
-            entry["integrity"] = f"unavailable: {output.error}"
-            return entry
-        status = output.kv_cache
-        entry.update(
-            num_blocks=status.num_blocks,
-            num_free_blocks=status.num_free_blocks,
-            integrity=status.integrity,
-        )
-        return entry
-
-    results = await asyncio.gather(*(one(k) for k in range(client.num_engines)))
-    return json_response(list(results))
-
-
-async def metrics_route(
-    ctx: ServingContext, admission: AdmissionControl | None, request: Request
-) -> Response:
-    """Prometheus text; every API server of the run answers with the same figures (see
-    shoal.api.metrics). `x-shoal-server` names the one that answered."""
-    text = ctx.engine.metrics.render(ctx.model_name)
-    text += _admission_metrics(admission, ctx.model_name)
-    role = f"ApiServer_{ctx.engine.client.client_index}".encode()
-    return Response(
-        text.encode(),
-        content_type=b"text/plain; version=0.0.4; charset=utf-8",
-        headers=[(b"x-shoal-server", role)],
-    )
-
-
-def _admission_metrics(admission: AdmissionControl | None, model_name: str) -> str:
-    """Admission figures over every API server (shoal.api.admission)."""
-    if admission is None:
-        return ""
-    label = "{" + f"model_name={msgspec.json.encode(model_name).decode()}" + "}"
-    return (
-        "# HELP shoal:api_requests_in_flight Generation requests admitted and not finished.\n"
-        "# TYPE shoal:api_requests_in_flight gauge\n"
-        f"shoal:api_requests_in_flight{label} {admission.in_flight()}\n"
-        "# HELP shoal:api_requests_rejected_total Requests refused by "
-        "--max-num-queued-requests.\n"
-        "# TYPE shoal:api_requests_rejected_total counter\n"
-        f"shoal:api_requests_rejected_total{label} {admission.rejected()}\n"
-    )
-
-
-async def _constant(response: Response, request: Request) -> Response:
-    return response
-
-
-async def version(request: Request) -> Response:
-    return json_response({"version": shoal.__version__})
-
-
-async def tokenize(ctx: ServingContext, request: Request) -> Response:
-    """`{prompt | messages, add_special_tokens}` -> `{tokens, count, max_model_len}`."""
-    body: TokenizeRequest = request.json(TokenizeRequest)
-    ctx.check_model(body.model)
-    if (body.prompt is None) == (body.messages is None):
-        raise ValueError("prompt: give exactly one of prompt and messages")
-    if body.messages is not None:
-        text = ctx.tokenizer.apply_chat_template(
-            body.messages,
-            add_generation_prompt=body.add_generation_prompt,
-            chat_template=body.chat_template,
-        )
-        tokens = ctx.tokenizer.encode(text, add_special_tokens=False)
-    else:
-        assert body.prompt is not None
-        tokens = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    return json_response(
-        {"tokens": tokens, "count": len(tokens), "max_model_len": ctx.engine.max_model_len}
-    )
-
-
-async def detokenize(ctx: ServingContext, request: Request) -> Response:
-    """`{tokens}` -> `{prompt}`; 400 naming `tokens` for ids outside the vocabulary."""
-    body: DetokenizeRequest = request.json(DetokenizeRequest)
-    ctx.check_model(body.model)
-    vocab_size = ctx.tokenizer.vocab_size
-    for i, token in enumerate(body.tokens):
-        if not 0 <= token < vocab_size:
-            raise HTTPError(
-                400,
-                f"tokens: id {token} at position {i} is not in the vocabulary [0, {vocab_size})",
-                "tokens",
-            )
-    return json_response({"prompt": ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+    return resolve_model(config.model).name

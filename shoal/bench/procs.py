@@ -217,7 +217,6 @@ class OtherLoad:
 
     def __init__(self) -> None:
         self._start: dict[int, float] = {}
-        self._started_at = 0.0
 
     @staticmethod
     def _snapshot(exclude: set[int]) -> dict[int, float]:
@@ -230,7 +229,6 @@ class OtherLoad:
         return found
 
     def start(self, exclude_pids: Iterable[int]) -> None:
-        self._started_at = time.time()
         self._start = self._snapshot({os.getpid(), *exclude_pids})
 
     def stop(self, exclude_pids: Iterable[int]) -> float:

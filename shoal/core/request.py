@@ -167,10 +167,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status > RequestStatus.PREEMPTED
 
-    def append_output_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        self.all_token_ids.append(token_id)
-
     def set_status(self, status: RequestStatus) -> None:
         """Move the state machine; an illegal move is a scheduler bug (AssertionError)."""
         assert status in _TRANSITIONS[self.status], (

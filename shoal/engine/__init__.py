@@ -1,3 +1,4 @@
-"""The EngineCore_k process and both ends of its wire: `EngineCore` (core.py), the process
-loop and its I/O threads (core_proc.py, io_threads.py), the launcher's `CoreEngineProcManager`
-(manager.py), the `DPCoordinator` and the API server's `EngineClient` (client.py)."""
+"""The EngineCore_k process and both ends of its wire: `EngineCore` (core.py), the process's
+entry point and busy loop (core_proc.py) with its I/O threads (io_threads.py), the launcher's
+`CoreEngineProcManager` (manager.py), the `DPCoordinator` (coordinator.py) and the API
+server's `EngineClient` (client.py)."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from shoal.config import ShoalConfig
 from shoal.core.request import Request, RequestStatus
+from shoal.core.runner_protocol import Runner
 from shoal.core.scheduler import Scheduler
 from shoal.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from shoal.logger import init_logger
@@ -20,9 +20,6 @@ from shoal.protocol import (
 )
 from shoal.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from shoal.worker.model_runner import ModelRunner
-
 logger = init_logger(__name__)
 
 
@@ -33,26 +30,19 @@ class EngineCore:
     offline `LLM` drives it in-process. Not thread-safe: call every method from one thread.
     """
 
-    def __init__(self, config: ShoalConfig, engine_index: int = 0) -> None:
-        """Load the model, size and allocate the KV cache, build the scheduler.
+    def __init__(
+        self, config: ShoalConfig, engine_index: int = 0, runner: Runner | None = None
+    ) -> None:
+        """Size and allocate the KV cache, build the scheduler, warm up.
 
-        The number of blocks is `config.cache.num_blocks`, else what
-        `kv_cache_memory_bytes` holds. `max_model_len` is the model's, capped to what the
+        `runner`: the model side (see `Runner`); None loads the model of `config` into a
+        `ModelRunner`. The number of blocks is `config.cache.num_blocks`, else what
+        `kv_cache_memory_bytes` holds. `max_model_len` is the runner's, capped to what the
         KV cache can hold for one request. `ValueError` for settings that cannot work.
         """
-        # How the OpenMP threads wait is fixed when torch is first imported: choose it now.
-        from shoal.openmp_policy import configure_engine
-
-        omp_policy = configure_engine(config)
-        # Imported here: importing shoal.core must not import torch.
-        from shoal.worker.model_runner import ModelRunner
-
-        if omp_policy:
-            logger.info("OpenMP threads wait with %s", omp_policy)
-
         self.config = config
         self.engine_index = engine_index
-        self.model_runner: ModelRunner = ModelRunner(config)
+        self.model_runner: Runner = runner if runner is not None else _load_model_runner(config)
         block_size = config.cache.block_size
         num_blocks = config.cache.num_blocks or self.model_runner.num_blocks_for_memory(
             config.cache.kv_cache_memory_bytes
@@ -165,7 +155,8 @@ class EngineCore:
         boundary and a few decode steps. The first request otherwise paid for loading the
         native kernels, starting the thread pools and first-touch page faults (docs/serving.md,
         "Ready means ready"). Their blocks and stats are then discarded: the scheduler starts
-        afresh, and the model runner has dropped their state."""
+        afresh, and the runner drops their state on a last step with nothing scheduled (every
+        `Runner` takes one, fakes included, so warm-up runs whatever the runner)."""
         start = time.monotonic()
         block_size, max_len = self.block_size, self.max_model_len
         prompt_len = max(1, min(block_size + 3, max_len - 4))
@@ -197,3 +188,18 @@ class EngineCore:
     def get_stats(self) -> SchedulerStats:
         """Queue lengths and KV usage now, with the last step's figures."""
         return self.scheduler.get_stats()
+
+
+def _load_model_runner(config: ShoalConfig) -> Runner:
+    """The real runner: `config`'s model loaded into a `ModelRunner`."""
+    # How the OpenMP threads wait is fixed when torch is first imported: choose it now.
+    from shoal.openmp_policy import configure_engine
+
+    omp_policy = configure_engine(config)
+    # Imported here: importing this module (the launcher does, through the engine process's
+    # entry point) must not import torch.
+    from shoal.worker.model_runner import ModelRunner
+
+    if omp_policy:
+        logger.info("OpenMP threads wait with %s", omp_policy)
+    return ModelRunner(config)

@@ -1,4 +1,5 @@
-"""`EngineCoreProc`: `EngineCore` driven by the busy loop of an engine process.
+"""The EngineCore_k process: its entry point (`run_engine_core`) and `EngineCoreProc`, the
+busy loop that drives an `EngineCore`.
 
     input thread   (EngineIO) DEALERs -> ADD / ABORT -> input queue
     main thread    input queue -> EngineCore.add_request / abort_requests; step() while
@@ -7,24 +8,32 @@
 
 Signals only set `shutdown_requested`; the loop then drains in-flight requests (up to
 `drain_timeout_s`, and only while an API server is still connected to receive them), aborts
-the rest, sends the final outputs and returns. The process entry point and the launcher side
-(`CoreEngineProcManager`) are in `shoal.engine.manager`.
+the rest, sends the final outputs and returns. The launcher's side of the process (start,
+handshake, liveness, restarts) is `CoreEngineProcManager` in `shoal.engine.manager`.
+
+A little over 400 lines, on purpose: the process's entry point and the loop it runs read as
+one story, top to bottom; the I/O threads are apart already (`io_threads.py`).
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from multiprocessing.connection import Connection
+from types import FrameType
 
 import zmq
 
 from shoal.config import ShoalConfig
+from shoal.core.runner_protocol import RunnerFactory
+from shoal.engine.core import EngineCore
 from shoal.engine.io_threads import EngineIO
+from shoal.engine.usage_stats import report_usage_stats
 from shoal.logger import init_logger
 from shoal.protocol import (
     AbortRequest,
@@ -38,11 +47,10 @@ from shoal.protocol import (
     KVCacheStatus,
     UtilityOutput,
     UtilityRequest,
+    decoder,
     encode,
 )
-
-if TYPE_CHECKING:
-    from shoal.engine.core import EngineCore
+from shoal.runtime.child import exit_now, init_child_process
 
 logger = init_logger(__name__)
 
@@ -53,12 +61,86 @@ _IDLE_WAIT_S = 0.05
 HEARTBEAT_S = 1.0
 
 
+def engine_proc_name(engine_index: int) -> str:
+    """The process name (and log role) of engine `engine_index`: `EngineCore_<k>`."""
+    return f"EngineCore_{engine_index}"
+
+
+class _Startup:
+    """Signal handling state: before serving, a signal aborts start-up at once."""
+
+    proc: EngineCoreProc | None = None
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _Startup.proc is None:
+        raise SystemExit(0)  # still loading: nothing to drain
+    _Startup.proc.shutdown_requested = True
+
+
+def run_engine_core(
+    engine_index: int,
+    config: ShoalConfig,
+    handshake: Connection,
+    coordinator_address: str | None,
+    drain_timeout_s: float,
+    ready_timeout_s: float,
+    stall_exit_s: float | None = None,
+    *,
+    runner_factory: RunnerFactory | None = None,
+) -> None:
+    """Entry point of process `EngineCore_<engine_index>` (the launcher starts it through
+    `CoreEngineProcManager`).
+
+    Handshake over `handshake` (bytes, msgspec): load the model (or build the runner with
+    `runner_factory`), wait up to `ready_timeout_s` for `EngineAddresses`, connect, send
+    `EngineReady` to every API server and then to the launcher; serve. Exit 0 after a
+    signal-initiated shutdown, 1 after a fatal error (the dead notice sent to every API
+    server first) or when one step ran longer than `stall_exit_s` (when given). Never
+    returns.
+    """
+    init_child_process(engine_proc_name(engine_index))
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    proc: EngineCoreProc | None = None
+    try:
+        proc = EngineCoreProc(
+            config, engine_index, coordinator_address, drain_timeout_s, stall_exit_s, runner_factory
+        )
+        report_usage_stats(config, "ENGINE_CONTEXT")
+        if not handshake.poll(ready_timeout_s):
+            raise RuntimeError(f"no API-server addresses from the launcher in {ready_timeout_s}s")
+        addresses = decoder(EngineAddresses).decode(handshake.recv_bytes())
+        proc.connect(addresses)
+        _Startup.proc = proc
+        handshake.send_bytes(encode(proc.ready_message()))
+        handshake.close()
+        logger.info(
+            "ready: %d blocks of %d tokens, max_model_len %d, serving %d API server(s)",
+            proc.engine_core.num_blocks,
+            proc.engine_core.block_size,
+            proc.engine_core.max_model_len,
+            proc.num_clients,
+        )
+        proc.run_busy_loop()
+        proc.close()
+        logger.info("shut down")
+    except SystemExit:
+        raise
+    except BaseException:
+        logger.exception("fatal error; telling the API servers this engine is dead")
+        if proc is not None:
+            proc.close(dead=True)
+        exit_now(1)  # threads may be stuck in a dead socket
+    exit_now(0)  # no teardown: unloading torch alone takes about a second
+
+
 class EngineCoreProc:
     """One engine process's state: the core, its I/O (`EngineIO`) and the busy loop.
 
-    Construction loads the model (slow). `connect(addresses)` starts the I/O threads and
-    sends `EngineReady` to every API server; `run_busy_loop()` serves until shutdown;
-    `close(dead)` stops the I/O.
+    Construction loads the model (slow), or has `runner_factory(config)` build the runner.
+    `connect(addresses)` starts the I/O threads and sends `EngineReady` to every API server;
+    `run_busy_loop()` serves until shutdown; `close(dead)` stops the I/O.
     """
 
     def __init__(
@@ -68,14 +150,13 @@ class EngineCoreProc:
         coordinator_address: str | None = None,
         drain_timeout_s: float = 0.0,
         stall_exit_s: float | None = None,
+        runner_factory: RunnerFactory | None = None,
     ) -> None:
-        # Imported here so the launcher (which imports this module) never imports torch.
-        from shoal.engine.core import EngineCore
-
         self.engine_index = engine_index
         self.config = config
         self.drain_timeout_s = drain_timeout_s
-        self.engine_core: EngineCore = EngineCore(config, engine_index)
+        runner = None if runner_factory is None else runner_factory(config)
+        self.engine_core = EngineCore(config, engine_index, runner)
         self.io = EngineIO(engine_index)
         # request_id -> client_index, for every request the core holds.
         self.request_clients: dict[str, int] = {}

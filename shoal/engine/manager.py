@@ -1,5 +1,6 @@
-"""The engine-core processes: their entry point (`run_engine_core`) and the launcher's side
-(`CoreEngineProcManager`: start, handshake, liveness, shutdown).
+"""The launcher's side of the engine-core processes: `CoreEngineProcManager` (start,
+handshake, liveness, restarts, shutdown). The child's side, `run_engine_core`, is in
+`shoal.engine.core_proc`.
 
 Handshake over one duplex pipe per engine, bytes encoded with msgspec (no pickle):
 
@@ -13,23 +14,20 @@ Handshake over one duplex pipe per engine, bytes encoded with msgspec (no pickle
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
-from types import FrameType
 from typing import Any
 
 import msgspec
 import zmq
 
 from shoal.config import ShoalConfig
-from shoal.engine.core_proc import EngineCoreProc
-from shoal.engine.usage_stats import report_usage_stats
+from shoal.core.runner_protocol import RunnerFactory
+from shoal.engine.core_proc import engine_proc_name, run_engine_core
 from shoal.envs import ENVS
 from shoal.logger import init_logger
 from shoal.protocol import EngineAddresses, EngineReady, decoder, encode, engine_dead_frame
-from shoal.runtime.child import exit_now, init_child_process
 from shoal.runtime.managers import ProcessManager
 from shoal.runtime.procs import (
     SPAWN_CTX,
@@ -45,91 +43,18 @@ _DEAD_LINGER_MS = 1000
 READY_TIMEOUT_HINT = "raise --engine-ready-timeout or SHOAL_ENGINE_READY_TIMEOUT_S"
 
 
-def engine_proc_name(engine_index: int) -> str:
-    """The process name (and log role) of engine `engine_index`: `EngineCore_<k>`."""
-    return f"EngineCore_{engine_index}"
-
-
-# -- process entry point -------------------------------------------------------------------------
-
-
-class _Startup:
-    """Signal handling state: before serving, a signal aborts start-up at once."""
-
-    proc: EngineCoreProc | None = None
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    if _Startup.proc is None:
-        raise SystemExit(0)  # still loading: nothing to drain
-    _Startup.proc.shutdown_requested = True
-
-
-def run_engine_core(
-    engine_index: int,
-    config: ShoalConfig,
-    handshake: Connection,
-    coordinator_address: str | None,
-    drain_timeout_s: float,
-    ready_timeout_s: float,
-    stall_exit_s: float | None = None,
-) -> None:
-    """Entry point of process `EngineCore_<engine_index>`.
-
-    Handshake over `handshake` (bytes, msgspec): load the model, wait up to
-    `ready_timeout_s` for `EngineAddresses`, connect, send `EngineReady` to every API server
-    and then to the launcher; serve. Exit 0 after a signal-initiated shutdown, 1 after a
-    fatal error (the dead notice sent to every API server first) or when one step ran
-    longer than `stall_exit_s` (when given). Never returns.
-    """
-    init_child_process(engine_proc_name(engine_index))
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    proc: EngineCoreProc | None = None
-    try:
-        proc = EngineCoreProc(
-            config, engine_index, coordinator_address, drain_timeout_s, stall_exit_s
-        )
-        report_usage_stats(config, "ENGINE_CONTEXT")
-        if not handshake.poll(ready_timeout_s):
-            raise RuntimeError(f"no API-server addresses from the launcher in {ready_timeout_s}s")
-        addresses = decoder(EngineAddresses).decode(handshake.recv_bytes())
-        proc.connect(addresses)
-        _Startup.proc = proc
-        handshake.send_bytes(encode(proc.ready_message()))
-        handshake.close()
-        logger.info(
-            "ready: %d blocks of %d tokens, max_model_len %d, serving %d API server(s)",
-            proc.engine_core.num_blocks,
-            proc.engine_core.block_size,
-            proc.engine_core.max_model_len,
-            proc.num_clients,
-        )
-        proc.run_busy_loop()
-        proc.close()
-        logger.info("shut down")
-    except SystemExit:
-        raise
-    except BaseException:
-        logger.exception("fatal error; telling the API servers this engine is dead")
-        if proc is not None:
-            proc.close(dead=True)
-        exit_now(1)  # threads may be stuck in a dead socket
-    exit_now(0)  # no teardown: unloading torch alone takes about a second
-
-
-# -- launcher side --------------------------------------------------------------------------------
-
-
 class CoreEngineProcManager(ProcessManager):
     """Starts `num_engines` spawned processes `EngineCore_<k>` (k = 0..num_engines-1).
 
     Give the API servers' addresses in the constructor or later with `send_addresses`;
     then `wait_for_ready` completes the handshake. `processes`, `shutdown(timeout)` and the
     liveness interface come from `ProcessManager`. `target_fn` (default `run_engine_core`,
-    same signature) lets tests wrap the engine's entry point. `stall_exit_s`: each engine
-    exits (code 1) when one step runs longer (--restart-dead-engines with
-    --engine-stall-timeout). `restart(k)` replaces an exited engine (see there).
+    same signature) lets tests replace the engine's entry point. `runner_factory`: each
+    engine builds its model runner with it instead of loading the model (tests hand engines
+    fake runners this way); it crosses the spawn, so it must pickle, and reaches the target
+    as the keyword `runner_factory` (only when given). `stall_exit_s`: each engine exits
+    (code 1) when one step runs longer (--restart-dead-engines with --engine-stall-timeout).
+    `restart(k)` replaces an exited engine (see there).
     """
 
     def __init__(
@@ -144,6 +69,7 @@ class CoreEngineProcManager(ProcessManager):
         ready_timeout_s: float | None = None,
         target_fn: Callable[..., None] | None = None,
         stall_exit_s: float | None = None,
+        runner_factory: RunnerFactory | None = None,
     ) -> None:
         super().__init__()
         self.ready_timeout_s = ready_timeout_s or ENVS.engine_ready_timeout_s
@@ -162,6 +88,10 @@ class CoreEngineProcManager(ProcessManager):
             self.ready_timeout_s,
             stall_exit_s,
         )
+        # Left out unless given: a replaced `target_fn` need not take the keyword.
+        self._target_kwargs: dict[str, Any] = (
+            {} if runner_factory is None else {"runner_factory": runner_factory}
+        )
         self.add_cleanup(_closer(self._pipes))
         self.add_cleanup(_dict_closer(self._restart_pipes))
         with self.rollback_on_error():
@@ -169,7 +99,8 @@ class CoreEngineProcManager(ProcessManager):
                 parent_end, child_end = SPAWN_CTX.Pipe(duplex=True)
                 self._pipes.append(parent_end)
                 try:
-                    self.spawn(self._target, engine_proc_name(k), self._args(k, child_end))
+                    name, args = engine_proc_name(k), self._args(k, child_end)
+                    self.spawn(self._target, name, args, self._target_kwargs)
                 finally:
                     child_end.close()  # so the launcher sees EOF when the engine dies
         logger.info("started %d engine process(es)", num_engines)
@@ -260,7 +191,8 @@ class CoreEngineProcManager(ProcessManager):
         name = engine_proc_name(engine_index)
         try:
             # Behind the parent-death guard like the first start (ProcessManager.spawn).
-            proc = guarded_process(self._target, name, self._args(engine_index, child_end))
+            args = self._args(engine_index, child_end)
+            proc = guarded_process(self._target, name, args, self._target_kwargs)
             start_process(proc)
         except BaseException:
             parent_end.close()

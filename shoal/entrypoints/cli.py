@@ -18,16 +18,8 @@ SUBCOMMANDS: dict[str, str] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="shoal LLM inference server")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    registered: set[str] = set()
     for module_name in dict.fromkeys(SUBCOMMANDS.values()):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:
-                continue  # subcommand not built yet
-            raise
-        module.register(sub)
-        registered.add(module_name)
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
@@ -39,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except ValueError as e:
-        # Config validation names the flag (see shoal.config); no traceback for bad input.
-        parser.exit(2, f"shoal {args.command}: error: {e}\n")
-    except FileNotFoundError as e:
+    except (ValueError, FileNotFoundError) as e:
+        # Config validation names the flag (see shoal.config), a missing model names its
+        # path: bad input gets one line, no traceback.
         parser.exit(2, f"shoal {args.command}: error: {e}\n")
     return int(result or 0)
 

@@ -1,38 +1,35 @@
 """`run_serve`: the `shoal serve` process. Binds the HTTP socket, starts and wires every child,
 waits for completion or failure, and shuts everything down under one deadline.
 
-Start-up order (see docs/serving.md):
+Start-up order (docs/architecture.md, "Start-up"):
  1. bind + listen on host:port (once; a port in use is an error, never shared)
  2. DP coordinator (M > 1), then M engines, which start loading the model
  3. N API servers on the inherited socket; gather the ZMQ addresses they bound
  4. hand the addresses to the engines; wait for every engine's READY (deadline)
- 5. log "shoal is ready at http://host:port"; wait_for_completion_or_failure, or with
-    --restart-dead-engines `_watch_with_restarts` (an engine that exits is replaced)
+ 5. log "shoal is ready at http://host:port"; wait_for_completion_or_failure (with
+    --restart-dead-engines its `EngineRestartPolicy` replaces an engine that exits)
+
+Everything is configured by the two configs `shoal serve` built from its flags: `ShoalConfig`
+for the engines, `ServerConfig` for this process and the API servers.
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
 import contextlib
 import errno
 import os
 import signal
 import socket
 import time
-from multiprocessing.connection import wait
 from types import FrameType
-from typing import Any
 
-from shoal.config import ShoalConfig
+from shoal.config import ServerConfig, ShoalConfig
 from shoal.engine.coordinator import DPCoordinator
-from shoal.engine.manager import READY_TIMEOUT_HINT, CoreEngineProcManager
-from shoal.entrypoints.serve_args import config_from_args
-from shoal.envs import ENVS
+from shoal.engine.manager import CoreEngineProcManager
 from shoal.logger import init_logger
 from shoal.model_source import resolve_model
 from shoal.runtime.addresses import remove_ipc_run_dir, unlink_ipc_address
-from shoal.runtime.procs import exitcode_after_exit
+from shoal.runtime.restart import EngineRestartPolicy
 from shoal.utils import (
     APIServerProcessManager,
     get_engine_client_zmq_addr,
@@ -119,47 +116,47 @@ class _Children:
             remove_ipc_run_dir()
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(config: ShoalConfig, server: ServerConfig) -> int:
     """Run `shoal serve` until SIGINT / SIGTERM (exit 0) or a child's death (exit 1, the
-    child named in the log). Bad flags raise `ValueError`, a missing model
-    `FileNotFoundError` (the CLI turns both into exit 2)."""
-    config = config_from_args(args)
+    child named in the log): the engines with `config`, everything else with `server` (both
+    built and validated from the flags by shoal.entrypoints.serve_args). A missing model
+    raises `FileNotFoundError` (the CLI turns it into exit 2)."""
     resolve_model(config.model.model)  # fail before starting anything
     try:
-        sock = bind_listen_socket(args.host, args.port)
+        sock = bind_listen_socket(server.host, server.port)
     except OSError as e:
         logger.error("%s", e.strerror or e)
         return 1
     port = sock.getsockname()[1]
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    host = f"[{server.host}]" if ":" in server.host else server.host
     _SignalState.install()
     try:
-        return _serve(args, config, sock, f"http://{host}:{port}")
+        return _serve(config, server, sock, f"http://{host}:{port}")
     except ShutdownRequested:  # a signal that landed in an except block: still a clean stop
         return 0
 
 
 def _serve(
-    args: argparse.Namespace, config: ShoalConfig, sock: socket.socket, listen_address: str
+    config: ShoalConfig, server: ServerConfig, sock: socket.socket, listen_address: str
 ) -> int:
     children = _Children()
+    restart_policy = EngineRestartPolicy.for_server(server)
     try:
-        _start(args, config, sock, listen_address, children)
+        _start(config, server, restart_policy, sock, listen_address, children)
         _SignalState.serving = True
         logger.info("shoal is ready at %s", listen_address)
-        if getattr(args, "restart_dead_engines", False):
-            _watch_with_restarts(children, args.engine_ready_timeout or ENVS.engine_ready_timeout_s)
-        else:
-            wait_for_completion_or_failure(
-                children.api_servers,
-                children.engines,
-                children.coordinator,
-                stop_sentinel=_SignalState.stop_fd,
-            )
+        wait_for_completion_or_failure(
+            children.api_servers,
+            children.engines,
+            children.coordinator,
+            stop_sentinel=_SignalState.stop_fd,
+            restart_policy=restart_policy,
+        )
         if not _SignalState.received:
             return 0  # every child exited cleanly on its own
         logger.info(
-            "shutting down: draining in-flight requests for up to %.1f s", args.shutdown_timeout
+            "shutting down: draining in-flight requests for up to %.1f s",
+            server.shutdown_timeout_s,
         )
         return 0
     except ShutdownRequested:
@@ -173,42 +170,38 @@ def _serve(
     finally:
         _SignalState.shutting_down = True
         sock.close()
-        children.shutdown(args.shutdown_timeout if _SignalState.received else None)
+        children.shutdown(server.shutdown_timeout_s if _SignalState.received else None)
         _SignalState.uninstall()
         logger.info("shoal stopped")
 
 
 def _start(
-    args: argparse.Namespace,
     config: ShoalConfig,
+    server: ServerConfig,
+    restart_policy: EngineRestartPolicy,
     sock: socket.socket,
     listen_address: str,
     children: _Children,
 ) -> None:
-    num_engines, num_api_servers = args.data_parallel_size, args.api_server_count
-    ready_timeout_s = args.engine_ready_timeout or ENVS.engine_ready_timeout_s
+    num_engines, num_api_servers = server.data_parallel_size, server.api_server_count
+    ready_timeout_s = server.ready_timeout_s
     if num_engines > 1:
-        children.coordinator = DPCoordinator(num_engines, args.host)
+        children.coordinator = DPCoordinator(num_engines, server.host)
     children.engines = CoreEngineProcManager(
         config,
         num_engines,
         coordinator_address=children.coordinator.load_address if children.coordinator else None,
-        drain_timeout_s=args.shutdown_timeout,
+        drain_timeout_s=server.shutdown_timeout_s,
         ready_timeout_s=ready_timeout_s,
-        # With restarts, a hung engine exits itself, so that it is restarted like a dead one.
-        stall_exit_s=(
-            args.engine_stall_timeout or None
-            if getattr(args, "restart_dead_engines", False)
-            else None
-        ),
+        stall_exit_s=restart_policy.stall_exit_s(server.stall_timeout_s),
     )
-    inputs = [get_engine_client_zmq_addr(True, args.host) for _ in range(num_api_servers)]
-    outputs = [get_engine_client_zmq_addr(True, args.host) for _ in range(num_api_servers)]
+    inputs = [get_engine_client_zmq_addr(True, server.host) for _ in range(num_api_servers)]
+    outputs = [get_engine_client_zmq_addr(True, server.host) for _ in range(num_api_servers)]
     children.ipc_addresses = inputs + outputs
     children.api_servers = APIServerProcessManager(
         listen_address,
         sock,
-        _api_server_args(args),
+        server,
         num_api_servers,
         inputs,
         outputs,
@@ -223,112 +216,6 @@ def _start(
     children.ipc_addresses += actual_inputs + actual_outputs
     children.engines.send_addresses(actual_inputs, actual_outputs)
     children.engines.wait_for_ready(ready_timeout_s, watched=children.watched())
-
-
-class RestartPolicy:
-    """--restart-dead-engines: how often one engine may be restarted. An engine that exits
-    is restarted unless it already was `max_restarts` times in the last `window_s` seconds
-    (SHOAL_MAX_ENGINE_RESTARTS, SHOAL_ENGINE_RESTART_WINDOW_S); then the run ends."""
-
-    def __init__(self, max_restarts: int, window_s: float) -> None:
-        self.max_restarts = max_restarts
-        self.window_s = window_s
-        self._history: dict[int, collections.deque[float]] = collections.defaultdict(
-            collections.deque
-        )
-
-    def allow(self, engine_index: int, now: float) -> bool:
-        """Whether engine `engine_index` may be restarted now (recorded if so)."""
-        history = self._history[engine_index]
-        while history and now - history[0] > self.window_s:
-            history.popleft()
-        if len(history) >= self.max_restarts:
-            return False
-        history.append(now)
-        return True
-
-    def restarts(self, engine_index: int) -> int:
-        return len(self._history[engine_index])
-
-
-def _watch_with_restarts(children: _Children, ready_timeout_s: float) -> None:
-    """`wait_for_completion_or_failure` for --restart-dead-engines: an engine that exits
-    (any code) is announced dead to every API server and replaced by a fresh process of
-    the same index; its handshake pipe joins the wait set, so every other child and the
-    stop pipe stay watched while it loads. Returns on a stop signal or once every API
-    server exited 0. `RuntimeError` naming the process: an API server or the coordinator
-    died, a restarted engine died (or timed out) before READY, or the restart policy
-    refused another restart."""
-    engines = children.engines
-    assert engines is not None and children.api_servers is not None
-    policy = RestartPolicy(ENVS.max_engine_restarts, ENVS.engine_restart_window_s)
-    others: dict[Any, Any] = {p.sentinel: p for p in children.watched()}
-    api_server_sentinels = {p.sentinel for p in children.api_servers.processes}
-    # Restarted engines not READY yet: engine index -> (handshake pipe, deadline).
-    pending: dict[int, tuple[Any, float]] = {}
-    while any(s in others for s in api_server_sentinels):
-        engine_sentinels = {p.sentinel: k for k, p in enumerate(engines.processes)}
-        pipes = {pipe: k for k, (pipe, _) in pending.items()}
-        timeout = None
-        if pending:
-            timeout = max(min(d for _, d in pending.values()) - time.monotonic(), 0.0)
-        ready = wait([_SignalState.stop_fd, *others, *engine_sentinels, *pipes], timeout)
-        if _SignalState.stop_fd in ready or _SignalState.received:
-            logger.info("stop requested; no longer watching the child processes")
-            return
-        for obj in ready:
-            if obj in pipes:
-                k = pipes[obj]
-                del pending[k]
-                engines.recv_restart_ready(k)  # RuntimeError if it died instead
-        for obj in ready:
-            if obj in others:
-                proc = others.pop(obj)
-                code = exitcode_after_exit(proc)
-                if code != 0:
-                    raise RuntimeError(
-                        f"Process {proc.name} (PID: {proc.pid}) died with exit code {code}"
-                    )
-                logger.info("%s (pid %s) exited normally", proc.name, proc.pid)
-            elif obj in engine_sentinels:
-                k = engine_sentinels[obj]
-                proc = engines.processes[k]
-                code = exitcode_after_exit(proc)
-                if k in pending:
-                    raise RuntimeError(
-                        f"{proc.name} (pid {proc.pid}) exited with code {code} after a "
-                        "restart, before it reported READY (crash loop?); see its log above"
-                    )
-                if not policy.allow(k, time.monotonic()):
-                    raise RuntimeError(
-                        f"Process {proc.name} (PID: {proc.pid}) died with exit code {code}; "
-                        f"not restarting it again: it was restarted {policy.restarts(k)} "
-                        f"time(s) in the last {policy.window_s:g} s (SHOAL_MAX_ENGINE_RESTARTS)"
-                    )
-                logger.error(
-                    "Process %s (PID: %s) died with exit code %s; restarting it "
-                    "(--restart-dead-engines, restart %d in %g s)",
-                    proc.name,
-                    proc.pid,
-                    code,
-                    policy.restarts(k),
-                    policy.window_s,
-                )
-                engines.announce_dead(k, f"{proc.name} died with exit code {code}")
-                pipe = engines.restart(k)
-                pending[k] = (pipe, time.monotonic() + ready_timeout_s)
-        now = time.monotonic()
-        for k, (_, deadline) in pending.items():
-            if now >= deadline:
-                raise RuntimeError(
-                    f"{engines.processes[k].name} did not report READY within "
-                    f"{ready_timeout_s:.1f}s of its restart; {READY_TIMEOUT_HINT}"
-                )
-
-
-def _api_server_args(args: argparse.Namespace) -> argparse.Namespace:
-    # `func` is the CLI's callback: API servers need the flags only.
-    return argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
 
 
 class _SignalState:

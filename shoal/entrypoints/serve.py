@@ -1,4 +1,4 @@
-"""The `shoal serve` subcommand: its parser (from args.py) and a lazy hook to the launcher."""
+"""The `shoal serve` subcommand: its parser (serve_args.py) and a lazy hook to the launcher."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import gc
 from typing import Any
 
-from shoal.entrypoints.serve_args import add_serve_args, config_from_args
+from shoal.entrypoints.serve_args import add_serve_args, config_from_args, server_config_from_args
 
 
 def register(subparsers: Any) -> None:
@@ -21,11 +21,12 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config_from_args(args)  # bad flags fail before anything heavy is imported
+    # Bad flags fail here, before anything heavy is imported.
+    config, server_config = config_from_args(args), server_config_from_args(args)
     # Imported here so `shoal --help` and `shoal serve --help` stay fast.
     from shoal.entrypoints.launcher import run_serve
 
-    code = run_serve(args)
+    code = run_serve(config, server_config)
     # Every child is gone: spare the interpreter's final collection of the launcher's objects
     # (~0.2 s, inside the SIGTERM-to-exit time) by freezing them; atexit handlers still run.
     gc.freeze()

@@ -1,11 +1,7 @@
-"""The `shoal serve` argument parser and its mapping to `ShoalConfig` (torch-free, fast).
-
-The parsed `argparse.Namespace` is also what every API-server process receives (it is pickled
-once at spawn), so it carries plain values only. Attributes API servers read:
-`model` (None = the embedded default model), `tokenizer`, `served_model_name`, `api_key`,
-`max_model_len`, `host`, `port`, `api_server_count`, `data_parallel_size`,
-`shutdown_timeout`, `uvicorn_log_level`, `max_num_queued_requests`, `max_request_body_bytes`,
-`engine_stall_timeout`, `restart_dead_engines`, `stream_interval`.
+"""The `shoal serve` argument parser and its mapping to the two configs (torch-free, fast):
+`config_from_args` -> `ShoalConfig` (the engines), `server_config_from_args` -> `ServerConfig`
+(the launcher and every API-server process, which receives it pickled). Defaults come from
+the dataclass fields, so the flags never drift from the configs.
 """
 
 from __future__ import annotations
@@ -13,21 +9,18 @@ from __future__ import annotations
 import argparse
 
 from shoal.config import (
+    UVICORN_LOG_LEVELS,
     CacheConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    ServerConfig,
     ShoalConfig,
 )
 from shoal.entrypoints.engine_args import add_engine_args, add_model_args
 from shoal.entrypoints.engine_args import config_default as _default
 
-# Seconds SIGINT / SIGTERM give in-flight requests to finish before they are aborted.
-DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
-# Busy engines send at least one message a second (a heartbeat between steps), so only a
-# step that runs this long looks hung: generous for a big prefill on a CPU.
-DEFAULT_ENGINE_STALL_TIMEOUT_S = 120.0
-UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+DEFAULT_SHUTDOWN_TIMEOUT_S: float = _default(ServerConfig, "shutdown_timeout_s")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -48,24 +41,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _add_server_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+        "--host",
+        default=_default(ServerConfig, "host"),
+        help="address to listen on (default: %(default)s)",
     )
     g.add_argument(
         "--port",
         type=int,
-        default=8000,
+        default=_default(ServerConfig, "port"),
         help="TCP port to listen on; 0 = any free port, printed once ready (default: %(default)s)",
     )
     g.add_argument(
         "--api-server-count",
         type=int,
-        default=_default(ParallelConfig, "api_server_count"),
+        default=_default(ServerConfig, "api_server_count"),
         help="API-server processes sharing the listening socket (default: %(default)s)",
     )
     g.add_argument(
         "--data-parallel-size",
         type=int,
-        default=_default(ParallelConfig, "data_parallel_size"),
+        default=_default(ServerConfig, "data_parallel_size"),
         help="engine-core processes, each a full model replica (default: %(default)s)",
     )
     g.add_argument(
@@ -78,21 +73,21 @@ def _add_server_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--engine-ready-timeout",
         type=float,
-        default=None,
+        default=_default(ServerConfig, "engine_ready_timeout_s"),
         help="seconds to wait for every engine to load its model and report READY "
         "(default: $SHOAL_ENGINE_READY_TIMEOUT_S or 600)",
     )
     g.add_argument(
         "--engine-stall-timeout",
         type=float,
-        default=DEFAULT_ENGINE_STALL_TIMEOUT_S,
+        default=_default(ServerConfig, "engine_stall_timeout_s"),
         help="seconds an engine holding requests may send nothing before the API servers "
         "declare it hung (/health 503, its requests fail); 0 = never (default: %(default)s)",
     )
     g.add_argument(
         "--restart-dead-engines",
         action="store_true",
-        default=False,
+        default=_default(ServerConfig, "restart_dead_engines"),
         help="when an engine process dies (crash, kill -9, OOM), fail only its in-flight "
         "requests (503 + Retry-After) and start a fresh engine of the same index while the "
         "others keep serving, instead of stopping the whole run; an engine that dies again "
@@ -100,25 +95,27 @@ def _add_server_args(g: argparse._ArgumentGroup) -> None:
         "$SHOAL_ENGINE_RESTART_WINDOW_S (600) seconds, still stops the run (default: off)",
     )
     g.add_argument(
-        "--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1 routes"
+        "--api-key",
+        default=_default(ServerConfig, "api_key"),
+        help="require `Authorization: Bearer <key>` on /v1 routes",
     )
     g.add_argument(
         "--max-num-queued-requests",
         type=int,
-        default=None,
+        default=_default(ServerConfig, "max_num_queued_requests"),
         help="refuse new /v1 generation requests with 503 + Retry-After once this many are "
         "in flight over all API servers (default: no limit)",
     )
     g.add_argument(
         "--max-request-body-bytes",
         type=int,
-        default=4 << 20,
+        default=_default(ServerConfig, "max_request_body_bytes"),
         help="largest request body accepted; larger gets 413 (default: %(default)s)",
     )
     g.add_argument(
         "--stream-interval",
         type=int,
-        default=1,
+        default=_default(ServerConfig, "stream_interval"),
         help="tokens per streamed chunk: a running stream's first token goes at once, then "
         "one chunk per this many tokens, and the rest at the end; larger values cost the API "
         "servers less CPU per token at the price of burstier chunks (default: %(default)s, "
@@ -126,7 +123,7 @@ def _add_server_args(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--uvicorn-log-level",
-        default="warning",
+        default=_default(ServerConfig, "uvicorn_log_level"),
         choices=UVICORN_LOG_LEVELS,
         help="uvicorn's own log level (default: %(default)s)",
     )
@@ -154,8 +151,9 @@ def make_serve_parser(prog: str = "shoal serve") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ShoalConfig:
-    """Build the validated config; `ValueError` names the offending flag."""
-    _check_server_args(args)
+    """The engines' validated config; `ValueError` names the offending flag. Checks the
+    server flags too (`server_config_from_args`), so one call validates the command line."""
+    server_config_from_args(args)
     return ShoalConfig(
         model=ModelConfig(
             model=args.model,
@@ -186,31 +184,23 @@ def config_from_args(args: argparse.Namespace) -> ShoalConfig:
     )
 
 
-def _check_server_args(args: argparse.Namespace) -> None:
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port: must be in [0, 65535], got {args.port}")
-    if args.api_server_count < 1:
-        raise ValueError(
-            "--api-server-count: must be at least 1 (headless engines are not "
-            f"supported by `shoal serve`), got {args.api_server_count}"
-        )
-    if args.shutdown_timeout < 0:
-        raise ValueError(f"--shutdown-timeout: must be non-negative, got {args.shutdown_timeout}")
-    if args.engine_ready_timeout is not None and args.engine_ready_timeout <= 0:
-        raise ValueError(
-            f"--engine-ready-timeout: must be positive, got {args.engine_ready_timeout}"
-        )
-    if args.engine_stall_timeout < 0:
-        raise ValueError(
-            f"--engine-stall-timeout: must be non-negative, got {args.engine_stall_timeout}"
-        )
-    if args.max_request_body_bytes < 1:
-        raise ValueError(
-            f"--max-request-body-bytes: must be at least 1, got {args.max_request_body_bytes}"
-        )
-    if args.stream_interval < 1:
-        raise ValueError(f"--stream-interval: must be at least 1, got {args.stream_interval}")
-    if args.max_num_queued_requests is not None and args.max_num_queued_requests < 1:
-        raise ValueError(
-            f"--max-num-queued-requests: must be at least 1, got {args.max_num_queued_requests}"
-        )
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The launcher's and API servers' validated config; `ValueError` names the flag."""
+    return ServerConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        api_server_count=args.api_server_count,
+        data_parallel_size=args.data_parallel_size,
+        shutdown_timeout_s=args.shutdown_timeout,
+        engine_ready_timeout_s=args.engine_ready_timeout,
+        engine_stall_timeout_s=args.engine_stall_timeout,
+        restart_dead_engines=args.restart_dead_engines,
+        api_key=args.api_key,
+        max_num_queued_requests=args.max_num_queued_requests,
+        max_request_body_bytes=args.max_request_body_bytes,
+        stream_interval=args.stream_interval,
+        uvicorn_log_level=args.uvicorn_log_level,
+    )

@@ -52,10 +52,6 @@ class ArchConfig:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling: type {rope_type!r} is not supported ({ROPE_TYPES})")
 
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
 
 def load_arch_config(model: str | None) -> ArchConfig:
     """The `ArchConfig` of `--model` (None = the default model), from its config.json or GGUF
@@ -66,7 +62,7 @@ def load_arch_config(model: str | None) -> ArchConfig:
 def arch_from_source(source: ModelSource) -> ArchConfig:
     """The `ArchConfig` of a resolved model source."""
     if source.is_gguf:
-        from shoal.model.gguf_file import GGUFFile
+        from shoal.gguf_file import GGUFFile
 
         gguf = GGUFFile(source.path)
         return arch_from_gguf(gguf.metadata, gguf.array_lengths, list(gguf.tensors))

@@ -15,11 +15,12 @@ with several query tokens (prefill chunks), each contiguous:
     tokens:  [ d0 d1 d2 | p0 p0 p0 p0 p0 | p1 p1 p1 ]
              num_decodes  prefill spans (start, end) into the flat batch
 
-Decodes, float32 on CPU: the native `paged_decode_attention` kernel (shoal/native) reads
-each request's keys and values in place through its block table. Elsewhere (bf16, CUDA, no
-native kernels): one batched gather of every decode request's blocks (block table padded to
-the longest, pad = block 0), one SDPA with a [num_decodes, 1, 1, keys] mask hiding the
-padding.
+Decodes go through the ops table (`ModelOps.decode_attention`, shoal/model/ops.py). Float32
+on CPU, the native `paged_decode_attention` kernel reads each request's keys and values in
+place through its block table. Elsewhere (bf16, CUDA, no native kernels),
+`torch_decode_attention` makes one batched gather of every decode request's blocks (block
+table padded to the longest, pad = block 0) and one SDPA with a [num_decodes, 1, 1, keys]
+mask hiding the padding.
 Prefill spans: a span with no cached context attends to its own new keys with a causal mask;
 one with context (a later chunk or a prefix-cache hit) gathers its blocks and uses an
 offset-causal mask. Every layer shares the metadata, built once per step.
@@ -27,13 +28,15 @@ offset-causal mask. Every layer shares the metadata, built once per step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from shoal.model.ops import ModelOps
 
 
 @dataclass
@@ -143,42 +146,20 @@ def paged_attention(
     v: torch.Tensor,
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
-    kv_written: bool = False,
+    ops: ModelOps,
 ) -> torch.Tensor:
-    """Attention of every query token over its request's keys, after writing this step's K/V
-    (unless the caller already did: `kv_written`, the native `rope_and_cache`).
+    """Attention of every query token over its request's keys; this step's keys and values
+    are already in the cache (`ModelOps.rope_and_cache` wrote them).
 
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
     Returns [num_tokens, num_heads, head_dim]."""
-    if not kv_written:
-        write_kv(kv_cache, k, v, meta.slot_mapping)
     out = q.new_empty(q.shape)  # contiguous (q is a strided view into the qkv output)
     if meta.num_decodes:
         n = meta.num_decodes
-        out[:n] = _decode_attention(q[:n], kv_cache, meta)
+        out[:n] = ops.decode_attention(q[:n], kv_cache, meta)
     for span in meta.prefills:
         out[span.start : span.end] = _prefill_attention(q, k, v, kv_cache, span)
     return out
-
-
-def _native_decode_kernels(q: torch.Tensor, kv_cache: torch.Tensor) -> Any:
-    """The native kernels when they apply (float32 queries on CPU over a float32 or float16
-    cache), else None."""
-    global _native
-    if (
-        q.device.type != "cpu"
-        or q.dtype != torch.float32
-        or kv_cache.dtype not in (torch.float32, torch.float16)
-    ):
-        return None
-    if _native is False:
-        from shoal import envs, native
-
-        _native = native.load() if envs.refresh().native_attention else None
-    return _native
-
-
-_native: Any = False  # not looked up yet
 
 
 def _decode_mask(meta: AttentionMetadata) -> torch.Tensor:
@@ -194,17 +175,13 @@ def _decode_mask(meta: AttentionMetadata) -> torch.Tensor:
     return meta.decode_mask
 
 
-def _decode_attention(
+def torch_decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
+    """Decode attention on torch ops (any device and dtype): q [num_decodes, num_heads,
+    head_dim] over each request's cached keys -> [num_decodes, num_heads, head_dim]."""
     assert meta.decode_block_table is not None and meta.decode_seq_lens is not None
     n, num_heads, head_dim = q.shape
-    kernels = _native_decode_kernels(q, kv_cache)
-    if kernels is not None:
-        return kernels.paged_decode_attention(
-            q, kv_cache, meta.decode_block_table, meta.decode_seq_lens,
-            1.0 / math.sqrt(head_dim), meta.sliding_window or 0,
-        )  # fmt: skip
     num_kv_heads = kv_cache.shape[3]
     # GQA without copying keys: the query heads sharing a KV head become rows of one matrix.
     # [n, num_kv_heads, queries_per_kv, head_dim]

@@ -17,8 +17,9 @@ Q = GGMLQuantizationType
 def dequantize(
     raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
 ) -> torch.Tensor:
-    """float32 tensor of `shape` from the raw bytes (or float array) of one GGUF tensor."""
-    if qtype in (Q.F32, Q.F16, Q.BF16) and raw.dtype != np.uint8:
+    """float32 tensor of `shape` from one GGUF tensor's `GGUFFile.raw()`: a float array
+    (F32 / F16) or whole quant blocks as bytes (every other type, BF16 included)."""
+    if raw.dtype != np.uint8:
         return torch.from_numpy(np.array(raw, dtype=np.float32)).view(shape)
     kernel = _KERNELS.get(qtype)
     if kernel is None:

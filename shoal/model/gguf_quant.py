@@ -3,8 +3,9 @@
 The loader hands over each Linear's raw GGUF blocks (Q4_1, or Q4_0 rewritten as Q4_1);
 `Q4Linear` repacks them once for the native `q4_linear` kernel (shoal/native/q4.cpp), which
 multiplies them by per-block int8 activations. Linears in any other block type (Q8_0, K-quants,
-float) take the int8 path (`Int8Linear` on their dequantized weight), and so does the LM head
-(the default model's is the tied Q8_0 embedding: 8.5 bits per weight in the file, int8 is 8).
+float) take the int8 path (`Int8Linear` on their dequantized weight, shoal/model/int8.py), and
+so does the LM head (the default model's is the tied Q8_0 embedding: 8.5 bits per weight in
+the file, int8 is 8).
 """
 
 from __future__ import annotations
@@ -14,15 +15,9 @@ import torch
 from gguf.constants import GGMLQuantizationType
 from torch import nn
 
-from shoal.model.llama import (
-    _LAYER_LINEARS,
-    Int8Linear,
-    Linear,
-    LlamaForCausalLM,
-    _calibrate,
-    _native_kernels,
-    _outliers,
-)
+from shoal.model.int8 import quantize_linears
+from shoal.model.llama import Linear, LlamaForCausalLM
+from shoal.model.ops import ModelOps, Q4Weights, model_ops
 
 Q = GGMLQuantizationType
 BLOCK = 32  # input channels per GGUF block
@@ -75,15 +70,15 @@ def pack_q4(blocks: torch.Tensor) -> torch.Tensor:
 
 class Q4Linear(nn.Module):
     """y = x W^T (+ b) with W kept as GGUF 4-bit blocks, float32 in and out, on the native
-    `q4_linear` kernel (CPU, AVX2 + F16C).
+    `q4_linear` kernel (`ModelOps.q4_linear`; CPU, AVX2 + F16C).
 
     W's blocks of 32 input channels: w = d q + m (q in 0..15, d and m float16: Q4_1; Q4_0
     blocks are rewritten as such). Activations: each row is quantized per 32-channel block
     inside the kernel (scale max |x| / 127), so a row's result depends on that row alone;
-    the integer block sums are exact and the float epilogue runs in a fixed order."""
+    the integer block sums are exact and the float epilogue runs in a fixed order.
+    ValueError naming the flag where the native kernels are unavailable."""
 
     packed: torch.Tensor  # [ceil(N / 8), K / 32, 160] uint8, see pack_q4
-    out_features_t: torch.Tensor  # [1] int64
 
     def __init__(
         self,
@@ -91,9 +86,11 @@ class Q4Linear(nn.Module):
         qtype: GGMLQuantizationType,
         in_features: int,
         bias: torch.Tensor | None,
+        ops: ModelOps | None = None,
     ) -> None:
         super().__init__()
-        self._kernels = _native_kernels("gguf")
+        self.ops = model_ops() if ops is None else ops
+        self.ops.require_native("--quantization gguf")
         if in_features % BLOCK:
             raise ValueError(f"Q4Linear: in_features {in_features} is not a multiple of 32")
         blocks = as_q4_1_blocks(raw, qtype)
@@ -102,22 +99,16 @@ class Q4Linear(nn.Module):
                              f"{in_features}")  # fmt: skip
         self.out_features, self.in_features = blocks.shape[0], in_features
         self.register_buffer("packed", pack_q4(blocks))
-        # decode_layers' slot for the output size (the packed panels round it up to 8).
-        self.register_buffer("out_features_t", torch.tensor([self.out_features]))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
+
+    def weights(self) -> Q4Weights:
+        """The kernel's operands (read each time: moving the weights rebinds the buffers)."""
+        return Q4Weights(self.packed, self.out_features, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self._kernels.q4_linear(
-            x.reshape(-1, self.in_features).contiguous(), self.packed, self.out_features, self.bias
-        )
+        y = self.ops.q4_linear(x.reshape(-1, self.in_features).contiguous(), self.weights())
         return y.view(*lead, self.out_features)
-
-    def fused_slots(self, none: torch.Tensor) -> list[torch.Tensor]:
-        """This Linear's 7 slots in `decode_layers`' parameter list (packed weights, the
-        output size, the bias or `none`, then unused; the kernel tells it by the uint8 dtype)."""
-        bias = none if self.bias is None else self.bias
-        return [self.packed, self.out_features_t, bias] + [none] * 4
 
     def dequantized_weight(self) -> torch.Tensor:
         """W as float32 [N, K], d q + m per element (what the GGUF dequantizer gives)."""
@@ -137,19 +128,14 @@ def quantize_gguf(model: LlamaForCausalLM, blocks: dict[tuple[int, str], torch.T
     (`blocks[(layer index, linear name)]`: Q4_1 blocks [N, K / 32, 20]), or with an
     `Int8Linear` of its (dequantized) float32 weight where there are none; the LM head
     becomes an `Int8Linear` as in `quantize_int8`. Drops the float32 copies."""
-    stats = _calibrate(model)
-    for i, layer in enumerate(model.layers):
-        for name in _LAYER_LINEARS:
-            linear = getattr(layer, name)
-            raw = blocks.get((i, name))
-            if raw is None:
-                new: nn.Module = Int8Linear(linear.weight, linear.bias, _outliers(stats[linear]))
-            else:
-                new = Q4Linear(raw, Q.Q4_1, linear.weight.shape[1], linear.bias)
-            setattr(layer, name, new)
-    head = model.lm_head.weight if isinstance(model.lm_head, Linear) else model.embed_tokens
-    model.lm_head = Int8Linear(head, None, _outliers(stats[model.norm]))
-    model._fused_list = None  # the fused decode path's parameter list is stale
+
+    def q4_linear(i: int, name: str, linear: Linear) -> nn.Module | None:
+        raw = blocks.get((i, name))
+        if raw is None:
+            return None
+        return Q4Linear(raw, Q.Q4_1, linear.weight.shape[1], linear.bias, model.ops)
+
+    quantize_linears(model, q4_linear)
 
 
 def q4_1_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor | None:

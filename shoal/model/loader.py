@@ -16,7 +16,9 @@ from tqdm import tqdm
 from shoal.config import ModelConfig
 from shoal.logger import init_logger
 from shoal.model.arch import ArchConfig
-from shoal.model.llama import Linear, LlamaForCausalLM, quantize_int8, rope_inv_freq
+from shoal.model.int8 import quantize_int8
+from shoal.model.llama import Linear, LlamaForCausalLM
+from shoal.model.rotary import rope_inv_freq
 from shoal.model_source import ModelSource
 
 logger = init_logger(__name__)
@@ -145,8 +147,8 @@ def _gguf_weights(
     """Dequantised GGUF tensors under Hugging Face names (q/k rows un-permuted). With
     `q4_sink`, also the layer Linears' 4-bit weights as Q4_1 blocks ([rows, K / 32, 20],
     rows un-permuted the same way) under their Hugging Face names."""
+    from shoal.gguf_file import GGUFFile
     from shoal.model.gguf_dequant import dequantize
-    from shoal.model.gguf_file import GGUFFile
     from shoal.model.gguf_quant import q4_1_rows
 
     gguf = GGUFFile(path)

@@ -1,4 +1,5 @@
-"""shoal's native CPU kernels (`kernels.cpp`, `q4.cpp`), compiled when shoal is installed.
+"""shoal's native CPU kernels (one source per kernel family: `variants.SOURCES`), compiled when
+shoal is installed.
 
 `setup.py` builds one extension module per instruction-set level of `variants.py`
 (`_kernels_avx2`, `_kernels_avx512`, `_kernels_avx512bf16`); `load()` imports the best one this
@@ -10,13 +11,15 @@ reports ready (`shoal.worker.model_runner`), never inside a request.
 built from other sources or against another torch, `SHOAL_NATIVE=0`); `unavailable_reason()`
 then says why, and one log line at start-up says it too. The module's `vnni` and `bf16`
 attributes say which instructions it uses; `load_variant(name)` imports a given level (tests
-compare the levels bit for bit). `python -m shoal.native` reports what is installed, and
+compare the levels bit for bit). Both hand the module out typed as `api.NativeKernels`, so
+mypy checks every kernel call against the bindings' signatures. `python -m shoal.native` reports what is installed, and
 `python -m shoal.native build` recompiles a source checkout in place after a kernel edit.
 
-Users: `--quantization int8` (`shoal.model.llama.Int8Linear`) and `--quantization gguf`
-(`shoal.model.gguf_quant.Q4Linear`) need it; decode attention (`shoal.model.attention`), the
-elementwise ops and the greedy LM head use it on float32 CPU tensors when present and fall
-back to torch ops otherwise. Only engine processes import this module (it imports torch).
+One user: the model's ops table (`shoal.model.ops`), chosen once per process. Through it,
+`--quantization int8` (`shoal.model.int8.Int8Linear`) and `--quantization gguf`
+(`shoal.model.gguf_quant.Q4Linear`) need the kernels; decode attention, the elementwise ops,
+the fused decode path and the greedy LM head use them on float32 CPU tensors when present and
+fall back to torch ops otherwise. Only engine processes load the kernels (that imports torch).
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import importlib
 import logging
 import sys
 import threading
-from types import ModuleType
+from typing import cast
 
 from shoal import envs
 from shoal.logger import init_logger
+from shoal.native.api import NativeKernels
 from shoal.native.variants import BY_NAME, VARIANTS, Variant, pick, source_hash
 
 logger = init_logger(__name__)
@@ -39,7 +43,7 @@ REBUILD_HINT = (
     "source checkout"
 )
 _lock = threading.Lock()
-_module: ModuleType | None = None
+_module: NativeKernels | None = None
 _reason: str | None = None
 _tried = False
 
@@ -83,7 +87,7 @@ def choose_variant() -> tuple[Variant | None, str | None]:
     return variant, None
 
 
-def load_variant(name: str) -> ModuleType:
+def load_variant(name: str) -> NativeKernels:
     """Import the installed module of level `name`; ImportError saying why when it is
     missing, stale (other sources or another torch than it was built from), or not loadable."""
     import torch
@@ -104,10 +108,10 @@ def load_variant(name: str) -> ModuleType:
             f"(build {module.source_hash}, this checkout with torch {torch.__version__} is "
             f"{expected}); {REBUILD_HINT}"
         )
-    return module
+    return cast(NativeKernels, module)
 
 
-def load() -> ModuleType | None:
+def load() -> NativeKernels | None:
     """The kernels for this CPU, or None (with the reason logged once). Thread-safe; tried
     once per process. Never compiles anything."""
     global _module, _reason, _tried

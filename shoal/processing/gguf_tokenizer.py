@@ -63,9 +63,10 @@ PRE_TOKENIZERS: dict[str, Any] = {
 
 
 def build_gguf_backend(metadata: dict[str, Any], path: str) -> BackendTokenizer:
-    """The tokenizer a GGUF file describes: BPE over its tokens and merges, the pre-tokenizer
-    named by `tokenizer.ggml.pre`, byte-level decoding, control tokens as special tokens and
-    user-defined tokens as added tokens. `ValueError` for a model type other than `gpt2`."""
+    """The tokenizer a GGUF file describes (`metadata`: `GGUFFile(path).all_metadata()`): BPE
+    over its tokens and merges, the pre-tokenizer named by `tokenizer.ggml.pre`, byte-level
+    decoding, control tokens as special tokens and user-defined tokens as added tokens.
+    `ValueError` for a model type other than `gpt2`."""
     model_type = metadata.get("tokenizer.ggml.model")
     if model_type != "gpt2":
         raise ValueError(

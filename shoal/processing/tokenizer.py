@@ -10,10 +10,10 @@ from typing import Any
 from tokenizers import AddedToken, decoders, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from shoal.gguf_file import GGUFFile
 from shoal.logger import init_logger
 from shoal.model_source import resolve_model
 from shoal.processing.chat_template import render_chat
-from shoal.processing.gguf_metadata import read_gguf_metadata
 from shoal.processing.gguf_tokenizer import build_gguf_backend, token_string
 
 logger = init_logger(__name__)
@@ -73,7 +73,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str) -> Tokenizer:
         """Build the tokenizer from a GGUF file's metadata (no tensors are read)."""
-        metadata = read_gguf_metadata(path)
+        metadata = GGUFFile(path).all_metadata()
         backend = build_gguf_backend(metadata, path)
         special = {
             name: token_string(metadata, key)

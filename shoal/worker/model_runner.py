@@ -1,4 +1,5 @@
-"""`ModelRunner`: the model, its paged KV cache, persistent input buffers and sampling."""
+"""`ModelRunner`: the model, its paged KV cache, persistent input buffers and sampling, and
+the choice of each step's speed paths (the fused decode step, the greedy LM head)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from shoal.core.scheduler_output import ModelRunnerOutput, NewRequestData, Sched
 from shoal.logger import init_logger
 from shoal.model.arch import ArchConfig, arch_from_source
 from shoal.model.attention import AttentionMetadata, build_attention_metadata
+from shoal.model.fused_decode import FusedDecode
+from shoal.model.greedy_head import GreedyHead
 from shoal.model.loader import load_model, resolve_device, resolve_dtype
 from shoal.model_source import resolve_model
 from shoal.openmp_policy import FRONTEND_BUSY_TOKENS_PER_S
@@ -88,12 +91,13 @@ class ModelRunner:
             config.model, source, self.arch, self.max_model_len, self.dtype, self.device
         )
         if huge_pages.enabled(self.device):
-            # Dropped first: they hold the old tensors, which then go as each one is moved
-            # (the arena's pages are only touched as it fills), so memory peaks near one copy.
-            self.model._fused_list = self.model._packed_head = None
             moved = huge_pages.move_module(self.model)
             if moved:
                 logger.info("weights: %.1f MiB in 2 MB pages", moved / 2**20)
+        # Built once the weights have settled (they hold them): the fused decode step where
+        # the ops table has one for this model (`_forward`), and the greedy LM head.
+        self.fused_decode = FusedDecode.for_model(self.model)
+        self.greedy_head = GreedyHead(self.model)
         # Weights, whatever their storage (int8 linears keep theirs in buffers).
         num_params = sum(t.numel() for t in (*self.model.parameters(), *self.model.buffers()))
         self._large_step_tokens = max(1, LARGE_STEP_FLOP // (2 * max(num_params, 1)))
@@ -168,7 +172,7 @@ class ModelRunner:
                 torch.set_num_threads(threads)
         batch = order_batch(self.requests, scheduler_output.num_scheduled_tokens)
         input_ids, positions, meta, logits_indices = self._prepare_inputs(batch)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        hidden = self._forward(input_ids, positions, meta)
         sampled = [
             s for s, is_sampled in zip(batch.states, batch.is_sampled, strict=True) if is_sampled
         ]
@@ -177,7 +181,7 @@ class ModelRunner:
         greedy = None
         if sampled and all(_plain_greedy(s) for s in sampled):
             # Greedy, no logprobs, nothing banned: the argmax straight from the hidden states.
-            greedy = self.model.greedy_token_ids(hidden[logits_indices])
+            greedy = self.greedy_head.token_ids(hidden[logits_indices])
         if greedy is not None:
             token_ids, entries = greedy, [None] * len(greedy)
         elif sampled:
@@ -204,6 +208,17 @@ class ModelRunner:
             output.sampled_token_ids.append([token])
             output.logprobs.append(None if entry is None else [entry])
         return output
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The step's hidden states: the fused decode step for a decode-only step where there
+        is one (the same bits as the model's forward, without its per-op Python), else the
+        model's forward."""
+        fused = self.fused_decode
+        if fused is not None and fused.applies(meta, input_ids.shape[0]):
+            return fused.forward(input_ids, positions, meta, self.kv_caches)
+        return self.model(input_ids, positions, meta, self.kv_caches)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         # Drop first: a preempted request can come back in this very step as a new one.

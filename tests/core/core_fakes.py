@@ -5,7 +5,8 @@ count), and simulates the KV cache: the value written to a token's slot is a has
 whole token prefix up to it, so a block reused through the prefix cache under the wrong
 prefix, or a slot overwritten while still in use, is caught on the next read. The sampled
 token is a function of the prefix only, so outputs do not depend on batching, chunking,
-prefix-cache hits or preemption.
+prefix-cache hits or preemption. `FakeModelRunner` adds the rest of the runner interface
+(`shoal.core.runner_protocol.Runner`), so an `EngineCore` can run on it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shoal.config import CacheConfig, SchedulerConfig
+from shoal.config import CacheConfig, SchedulerConfig, ShoalConfig
 from shoal.core.iteration import compute_iteration_details
 from shoal.core.request import Request
 from shoal.core.scheduler import Scheduler
@@ -64,13 +65,18 @@ class FakeRunner:
         return st.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values()) > 0
-        self.num_steps += 1
+        assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
         for rid in so.finished_req_ids | so.preempted_req_ids:
             assert rid not in so.num_scheduled_tokens or any(
                 n.req_id == rid for n in so.scheduled_new_reqs
             ), f"{rid} dropped but scheduled as cached"
             self.reqs.pop(rid, None)
+        if not so.total_num_scheduled_tokens:
+            # Only the engine core's warm-up sends a step with nothing scheduled: to drop
+            # the state of the requests it names finished.
+            assert not so.scheduled_new_reqs and not so.scheduled_cached_reqs.req_ids
+            return ModelRunnerOutput()
+        self.num_steps += 1
         self._add_new(so)
         self._update_cached(so)
         scheduled = [(rid, self.reqs[rid], n) for rid, n in so.num_scheduled_tokens.items()]
@@ -120,6 +126,40 @@ class FakeRunner:
             assert cached.num_computed_tokens[i] == st.num_computed, rid
             assert cached.num_output_tokens[i] == st.num_outputs, rid
             st.block_ids.extend(cached.new_block_ids[i])
+
+
+class FakeModelRunner(FakeRunner):
+    """A `FakeRunner` with the whole runner interface `EngineCore` uses: a model of
+    `vocab_size` token ids and `max_model_len` positions (default `config`'s, else 2048),
+    sized for `config`'s scheduler and cache."""
+
+    # What `num_blocks_for_memory` charges per KV block (a made-up figure).
+    BYTES_PER_BLOCK = 1 << 16
+
+    def __init__(
+        self, config: ShoalConfig, vocab_size: int = 1000, max_model_len: int | None = None
+    ) -> None:
+        super().__init__(config.cache.block_size, prefix_sample(vocab_size))
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len or config.model.max_model_len or 2048
+        self.scheduler_config = config.scheduler.resolved("cpu", self.max_model_len)
+        self.num_blocks = 0  # set by initialize_kv_cache
+
+    def num_blocks_for_memory(self, memory_bytes: int) -> int:
+        return memory_bytes // self.BYTES_PER_BLOCK
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        assert self.num_blocks == 0, "initialize_kv_cache called twice"
+        self.num_blocks = num_blocks
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        assert self.num_blocks > 0, "initialize_kv_cache() must run first"
+        for new in so.scheduled_new_reqs:
+            assert all(0 <= t < self.vocab_size for t in new.prompt_token_ids), new.req_id
+            assert max(new.block_ids, default=0) < self.num_blocks, new.req_id
+        for block_ids in so.scheduled_cached_reqs.new_block_ids:
+            assert max(block_ids, default=0) < self.num_blocks
+        return super().execute_model(so)
 
 
 def make_scheduler(

@@ -1,4 +1,4 @@
-"""compute_iteration_details per the seed's contract (seed-contracts §2.12)."""
+"""compute_iteration_details per the seed's contract (docs/api.md)."""
 
 from __future__ import annotations
 

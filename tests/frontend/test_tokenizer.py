@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import gguf
 import pytest
 
+from shoal.gguf_file import GGUFFile
 from shoal.model_source import default_model_path
-from shoal.processing.gguf_metadata import read_gguf_metadata
 from shoal.processing.tokenizer import Tokenizer
 
 TEXTS = [
@@ -58,7 +60,7 @@ def test_token_bytes_rebuild_multibyte_text(default_tokenizer: Tokenizer) -> Non
     assert any(len(default_tokenizer.token_bytes(i)) < 4 and i > 17 for i in ids)
 
 
-def test_gguf_metadata_reader_matches_gguf_package(tmp_path) -> None:
+def test_gguf_metadata_matches_gguf_package(tmp_path) -> None:
     path = str(tmp_path / "kv.gguf")
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_uint32("a.u32", 7)
@@ -69,19 +71,57 @@ def test_gguf_metadata_reader_matches_gguf_package(tmp_path) -> None:
     writer.add_string("a.str", "héllo")
     writer.add_array("a.ints", [1, 2, 3])
     writer.add_array("a.strs", ["x", "", "你好"])
+    writer.add_array("a.nested", [[1, 2], [3]])  # gguf-py flattens these: checked apart
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    ours = read_gguf_metadata(path)
+    ours = GGUFFile(path).all_metadata()
+    assert ours.pop("a.nested") == [[1, 2], [3]]
     reader = gguf.GGUFReader(path)
-    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    assert set(ours) == set(fields)
+    fields = {
+        k: f for k, f in reader.fields.items() if not k.startswith("GGUF.") and k != "a.nested"
+    }
+    assert list(ours) == list(fields)
     for key, field in fields.items():
         assert ours[key] == field.contents(), key
-    meta = read_gguf_metadata(default_model_path())
+    header = GGUFFile(path)
+    assert header.array_lengths == {"a.ints": 3, "a.strs": 3, "a.nested": 2}
+    assert "a.strs" not in header.metadata and header.array("a.strs") == ["x", "", "你好"]
+    meta = GGUFFile(default_model_path()).all_metadata()
     assert meta["tokenizer.ggml.pre"] == "smollm" and meta["llama.block_count"] == 30
     assert len(meta["tokenizer.ggml.tokens"]) == 49152
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a GGUF file"),
+        (b"GGML" + bytes(20), "bad magic"),
+        (b"GGUF" + (9).to_bytes(4, "little") + bytes(16), "unsupported GGUF version 9"),
+        (b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + b"\x01", "truncated"),
+    ],
+)
+def test_gguf_reader_names_a_bad_file(tmp_path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        GGUFFile(str(path))
+
+
+def test_gguf_tokenizer_needs_neither_numpy_nor_gguf_py() -> None:
+    # The API server builds its tokenizer from the header alone: no numpy, no gguf-py import.
+    check = (
+        "import sys\n"
+        "from shoal.processing.tokenizer import Tokenizer\n"
+        "Tokenizer.from_model(None)\n"
+        "print(sorted(m for m in ('numpy', 'gguf', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_chat_template_renders_smollm_format(default_tokenizer: Tokenizer) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from shoal.model.arch import ArchConfig
 from shoal.model.attention import build_attention_metadata
+from shoal.model.fused_decode import FusedDecode
 from shoal.model.llama import LlamaForCausalLM
 
 
@@ -30,8 +31,10 @@ class PagedDriver:
         num_blocks: int,
         block_size: int,
         kv_dtype: torch.dtype | None = None,
+        fused: FusedDecode | None = None,
     ) -> None:
-        self.model, self.block_size = model, block_size
+        """`fused`: run decode-only steps on it, as the model runner does."""
+        self.model, self.block_size, self.fused = model, block_size, fused
         shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
         dtype = kv_dtype or model.embed_tokens.dtype
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(arch.num_layers)]
@@ -72,8 +75,11 @@ class PagedDriver:
             self.block_size,
             self.model.arch.sliding_window,
         )
+        forward = self.model.forward
+        if self.fused is not None and self.fused.applies(meta, len(ids)):
+            forward = self.fused.forward
         with torch.inference_mode():
-            hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta, self.kv_caches)
+            hidden = forward(torch.tensor(ids), torch.tensor(positions), meta, self.kv_caches)
             logits = self.model.compute_logits(hidden)
         out, start = {}, 0
         for name, n in schedule.items():
@@ -87,12 +93,11 @@ def assert_fused_decode_matches_python(
     model: LlamaForCausalLM,
     arch: ArchConfig,
     kernels: Any,
-    monkeypatch: Any,
     kv_dtype: torch.dtype | None = None,
 ) -> None:
     """Run a prefill and five decode steps of two requests twice: with the native
-    `decode_layers` (checked to be called for exactly the decode steps) and with the Python
-    layers; every logit must be bit-identical."""
+    `decode_layers` (`FusedDecode`, checked to be called for exactly the decode steps) and
+    with the Python layers; every logit must be bit-identical."""
     calls: list[int] = []
 
     class Spy:  # the kernels, counting fused calls
@@ -103,22 +108,18 @@ def assert_fused_decode_matches_python(
             calls.append(args[0].shape[0])
             return kernels.decode_layers(*args)
 
-    monkeypatch.setattr("shoal.model.attention._native", Spy())
-
-    def run() -> list[torch.Tensor]:
-        driver = PagedDriver(model, arch, 32, 4, kv_dtype)
+    def run(fused: FusedDecode | None) -> list[torch.Tensor]:
+        driver = PagedDriver(model, arch, 32, 4, kv_dtype, fused)
         driver.add("a", list(range(3, 40)))
         driver.add("b", list(range(50, 70)))
         steps = [driver.step({"a": 30, "b": 11})]  # prefill: per-layer path
         steps += [driver.step({"a": 1, "b": 1}) for _ in range(5)]  # decode steps
         return [t for step in steps for t in step.values()]
 
-    fused = run()
+    assert FusedDecode.for_model(model) is not None  # what the runner would take
+    fused = run(FusedDecode(model, Spy()))
     assert calls == [2] * 5  # the decode steps took the fused path, the prefill did not
-    calls.clear()
-    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode_kernels", lambda *a: None)
-    unfused = run()
-    assert calls == []
+    unfused = run(None)
     for a, b in zip(fused, unfused, strict=True):
         assert torch.equal(a, b)
 

@@ -1,4 +1,5 @@
-"""The default GGUF model: the fast index reader, and logits against transformers."""
+"""The default GGUF model: shoal's GGUF reader against gguf-py's, and logits against
+transformers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from shoal.config import ModelConfig
+from shoal.gguf_file import GGUFFile
 from shoal.model.arch import arch_from_source
-from shoal.model.gguf_file import GGUFFile
 from shoal.model.loader import load_model
 from shoal.model_source import default_model_path, resolve_model
 from tests.model.paged import PagedDriver
@@ -20,11 +21,13 @@ PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198]
 
 
 @pytest.mark.slow
-def test_index_matches_gguf_reader() -> None:
+def test_reader_matches_gguf_py() -> None:
     from gguf import GGUFReader
 
     ours = GGUFFile(default_model_path())
     reference = GGUFReader(default_model_path())
+    fields = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert ours.all_metadata() == fields and list(ours.all_metadata()) == list(fields)
     assert list(ours.tensors) == [t.name for t in reference.tensors]
     for tensor in reference.tensors:
         info = ours.tensors[tensor.name]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from shoal.config import ModelConfig
 from shoal.entrypoints.engine_args import add_model_args
 from shoal.model.arch import arch_from_source
-from shoal.model.llama import Int8Linear
+from shoal.model.int8 import Int8Linear
 from shoal.model.loader import load_model
 from shoal.model_source import resolve_model
 
@@ -261,9 +261,12 @@ def test_int8_linear_argmax_is_the_argmax_of_int8_linear() -> None:
 
 
 def test_int8_model_greedy_head_skips_the_logits(tmp_path) -> None:
-    """An int8 model's greedy_token_ids runs the native head and agrees with the logits."""
+    """An int8 model's greedy head runs the native head and agrees with the logits."""
+    from shoal.model.greedy_head import GreedyHead
+
     (tmp_path / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": True}))
     model = _load(str(tmp_path), quantization="int8")
+    head = GreedyHead(model)
     hidden = torch.randn(9, 64)
-    assert model.greedy_token_ids(hidden) == model.compute_logits(hidden).argmax(-1).tolist()
-    assert model.greedy_token_ids(hidden.bfloat16()) is None
+    assert head.token_ids(hidden) == model.compute_logits(hidden).argmax(-1).tolist()
+    assert head.token_ids(hidden.bfloat16()) is None

@@ -52,12 +52,8 @@ def _meta(table, lens, window=None) -> attention.AttentionMetadata:
 
 
 def _torch_path(q, cache, table, lens, window=None) -> torch.Tensor:
-    saved = attention._native
-    attention._native = None  # what a bf16 or CUDA cache takes
-    try:
-        return attention._decode_attention(q, cache, _meta(table, lens, window))
-    finally:
-        attention._native = saved
+    # What a bf16 or CUDA cache takes.
+    return attention.torch_decode_attention(q, cache, _meta(table, lens, window))
 
 
 @pytest.mark.parametrize("window", [None, 5, 40])
@@ -152,21 +148,41 @@ def test_decode_attention_over_a_float16_cache(kernels, head_dim) -> None:
 
 
 def test_model_decode_uses_the_kernel_for_float32_cpu_only(kernels) -> None:
+    """The process's ops table is the native one; its decode attention runs the kernel for
+    float32 queries on CPU, and neither for bf16 nor with SHOAL_NATIVE_ATTENTION=0."""
+    from shoal.model.ops import NativeOps, model_ops
+
+    ops = model_ops()
+    assert isinstance(ops, NativeOps) and ops.kernels is kernels
+    calls: list[int] = []
+
+    class Spy:  # the kernels, counting decode attention calls
+        def __getattr__(self, name: str):
+            return getattr(kernels, name)
+
+        def paged_decode_attention(self, q, *args):
+            calls.append(q.shape[0])
+            return kernels.paged_decode_attention(q, *args)
+
     q, cache, table, seq_lens = _case([5, 9])
-    assert attention._native_decode_kernels(q, cache) is kernels
-    assert attention._native_decode_kernels(q.bfloat16(), cache.bfloat16()) is None
+    got = NativeOps(Spy()).decode_attention(q, cache, _meta(table, seq_lens))
+    assert calls == [2]
+    assert torch.equal(got, kernels.paged_decode_attention(q, cache, table, seq_lens, 0.125, 0))
+    NativeOps(Spy()).decode_attention(q.bfloat16(), cache.bfloat16(), _meta(table, seq_lens))
+    NativeOps(Spy(), attention=False).decode_attention(q, cache, _meta(table, seq_lens))
+    assert calls == [2]
 
 
 def test_kernels_disabled_and_int8_says_why(tmp_path) -> None:
-    """SHOAL_NATIVE=0: load() gives None with the reason, decode attention still works on
-    torch ops, and --quantization int8 fails with a message naming the flag."""
+    """SHOAL_NATIVE=0: load() gives None with the reason, the model's ops table is the torch
+    one, and --quantization int8 fails with a message naming the flag."""
     code = """
 import torch
 from shoal import native
-from shoal.model import attention
-from shoal.model.llama import Int8Linear
+from shoal.model.int8 import Int8Linear
+from shoal.model.ops import ModelOps, model_ops
 assert native.load() is None and native.unavailable_reason() == "disabled by SHOAL_NATIVE=0"
-assert attention._native_decode_kernels(torch.zeros(1, 1, 8), torch.zeros(2, 1, 1, 1, 8)) is None
+assert type(model_ops()) is ModelOps
 try:
     Int8Linear(torch.zeros(4, 32), None)
 except ValueError as e:
@@ -228,6 +244,49 @@ def test_shoal_native_isa_picks_a_level_or_says_why_not() -> None:
         assert level is None and "this CPU lacks" in (reason or "")
 
 
+def _binding_types(doc: str) -> str:
+    """A pybind11 signature line in the Protocol's spelling."""
+    for long, short in (
+        ("typing.SupportsInt | typing.SupportsIndex", "int"),
+        ("typing.SupportsFloat | typing.SupportsIndex", "float"),
+        ("collections.abc.", ""),
+        ("torch.Tensor", "Tensor"),
+    ):
+        doc = doc.replace(long, short)
+    return doc
+
+
+def test_the_typed_protocol_is_every_built_level_s_bindings(kernels) -> None:
+    """`shoal.native.api.NativeKernels`, which mypy checks every kernel call against, lists
+    exactly the functions of each level built for this CPU, with their argument and return
+    types, and their attributes."""
+    import inspect
+
+    from shoal.native.api import NativeKernels
+
+    protocol = {
+        name: inspect.signature(fn)
+        for name, fn in vars(NativeKernels).items()
+        if callable(fn) and not name.startswith("_")
+    }
+    for variant in variants.VARIANTS:
+        if not variant.runs_on(native.cpu_flags()):
+            continue
+        module = native.load_variant(variant.name)
+        public = {name: getattr(module, name) for name in dir(module) if not name.startswith("_")}
+        assert {name for name, v in public.items() if callable(v)} == set(protocol)
+        assert {name for name, v in public.items() if not callable(v)} == {
+            "bf16", "vnni", "source_hash",
+        }  # fmt: skip
+        assert isinstance(module.bf16, bool) and isinstance(module.vnni, bool)
+        for name, sig in protocol.items():
+            params = list(sig.parameters.values())[1:]  # past self
+            assert all(p.kind is p.POSITIONAL_ONLY for p in params), name
+            args = ", ".join(f"arg{i}: {p.annotation}" for i, p in enumerate(params))
+            expected = f"{name}({args}) -> {sig.return_annotation}"
+            assert _binding_types(public[name].__doc__.splitlines()[0]) == expected
+
+
 @pytest.mark.parametrize(
     "quantization, overrides",
     [
@@ -242,7 +301,7 @@ def test_shoal_native_isa_picks_a_level_or_says_why_not() -> None:
     ],
 )
 def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
-    kernels, tmp_path, monkeypatch, quantization, overrides
+    kernels, tmp_path, quantization, overrides
 ) -> None:
     """`decode_layers` (every layer of a decode-only step in one native call) gives exactly
     what `DecoderLayer.forward` gives, for float32 and int8 linears, biases, a window and a
@@ -252,7 +311,7 @@ def test_fused_decode_layers_are_bit_identical_to_the_python_layers(
     overrides = dict(overrides)
     kv_dtype = overrides.pop("kv_dtype", None)
     model, arch = tiny_model(tmp_path, quantization, **overrides)
-    assert_fused_decode_matches_python(model, arch, kernels, monkeypatch, kv_dtype)
+    assert_fused_decode_matches_python(model, arch, kernels, kv_dtype)
 
 
 # -- elementwise steps ---------------------------------------------------------------------------
@@ -293,7 +352,7 @@ def test_rms_norm_and_silu_mul_match_torch_and_are_batch_invariant(kernels, widt
 def test_rope_and_cache_is_bit_identical_to_apply_rope_and_write_kv(kernels, head_dim) -> None:
     """The decode layers' fused RoPE + cache write: the same rotation bits as the Python
     layers' `apply_rope` (two products and a difference, no FMA) and the same cache rows."""
-    from shoal.model.llama import apply_rope
+    from shoal.model.rotary import apply_rope
 
     heads, kv_heads, n = 6, 2, 40  # > 8 rows: the threaded path of parallel_for too
     g = torch.Generator().manual_seed(head_dim)
@@ -377,9 +436,9 @@ def test_lm_head_argmax_ties_padding_and_threads(kernels) -> None:
 
 
 def _bf16_head(w: torch.Tensor):
-    from shoal.model.llama import _pack_lm_head_bf16
+    from shoal.model.ops import pack_lm_head_bf16
 
-    return _pack_lm_head_bf16(w)
+    return pack_lm_head_bf16(w)
 
 
 @pytest.mark.parametrize(

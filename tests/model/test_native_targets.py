@@ -22,7 +22,7 @@ from gguf.quants import quantize
 
 from shoal import native
 from shoal.model.gguf_quant import Q4Linear
-from shoal.model.llama import Int8Linear
+from shoal.model.int8 import Int8Linear
 from shoal.native.variants import BY_NAME
 from tests.model.test_native import _case
 

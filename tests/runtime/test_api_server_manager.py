@@ -41,7 +41,7 @@ def _all_dead(manager: APIServerProcessManager) -> bool:
     return not any(p.is_alive() for p in manager.processes)
 
 
-# -- seed-contracts §2.16 scenarios ---------------------------------------------------------------
+# -- the seed contract's scenarios (docs/api.md) -----------------------------------------------
 
 
 @pytest.mark.parametrize("stats_update_address", [None, "tcp://127.0.0.1:5555"])

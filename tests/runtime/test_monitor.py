@@ -7,12 +7,14 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 
 import pytest
 
 from shoal.runtime.managers import ProcessManager
 from shoal.runtime.monitor import wait_for_completion_or_failure
-from shoal.runtime.procs import SPAWN_CTX
+from shoal.runtime.procs import SPAWN_CTX, exitcode_after_exit, guarded_process, start_process
+from shoal.runtime.restart import EngineRestartPolicy
 
 from . import stub_targets
 
@@ -186,3 +188,134 @@ def test_cleanups_run_after_the_processes_stop() -> None:
     engines.add_cleanup(lambda: seen.append(True))
     engines.shutdown(timeout=0)
     assert seen == [False, True]
+
+
+# -- restarts (restart_policy) --------------------------------------------------------------------
+
+
+def replacement_engine(ready: Connection, is_ready: bool, lifetime_s: float, code: int) -> None:
+    """A replacement engine stub: reports READY (or not), lives `lifetime_s`, exits `code`."""
+    if is_ready:
+        ready.send_bytes(b"READY")
+    time.sleep(lifetime_s)
+    sys.exit(code)
+
+
+class RestartableEngines(StubManager):
+    """The restart interface of the serving package's engine manager over stub processes:
+    replacement i runs `replacements[i]` = (reports READY, lifetime in s, exit code)."""
+
+    def __init__(
+        self, lifetimes: list[tuple[float, int]], replacements: list[tuple[bool, float, int]]
+    ) -> None:
+        super().__init__(lifetimes)
+        self.replacements = list(replacements)
+        self.announced: list[int] = []
+        self._pipes: dict[int, Connection] = {}
+
+    def announce_dead(self, engine_index: int, reason: str) -> None:
+        self.announced.append(engine_index)
+
+    def restart(self, engine_index: int) -> Connection:
+        recv, send = SPAWN_CTX.Pipe(duplex=False)
+        args = (send, *self.replacements.pop(0))
+        proc = guarded_process(replacement_engine, f"EngineCore_{engine_index}", args)
+        start_process(proc)
+        send.close()
+        self.processes[engine_index] = proc
+        self._pipes[engine_index] = recv
+        return recv
+
+    def recv_restart_ready(self, engine_index: int) -> None:
+        pipe = self._pipes.pop(engine_index)
+        proc = self.processes[engine_index]
+        try:
+            pipe.recv_bytes()
+        except EOFError as e:
+            code = exitcode_after_exit(proc)
+            raise EngineRestartPolicy.crash_loop(proc.name, proc.pid, code) from e
+        finally:
+            pipe.close()
+
+
+def _restarts(max_restarts: int = 3, ready_timeout_s: float = 60.0) -> EngineRestartPolicy:
+    return EngineRestartPolicy(max_restarts, window_s=600.0, ready_timeout_s=ready_timeout_s)
+
+
+def test_an_engine_is_replaced_until_the_policy_refuses() -> None:
+    api = StubManager([(60, 0)], "ApiServer")
+    engines = RestartableEngines([(60, 0), (0.2, 1)], [(True, 0.5, 9)])
+    try:
+        with pytest.raises(
+            RuntimeError,
+            match=r"Process EngineCore_1 \(PID: \d+\) died with exit code 9; not restarting it "
+            r"again: it was restarted 1 time\(s\) in the last 600 s",
+        ):
+            wait_for_completion_or_failure(api, engines, restart_policy=_restarts(1))
+        assert engines.announced == [1]
+        assert engines.processes[0].is_alive() and api.processes[0].is_alive()
+    finally:
+        api.shutdown(timeout=0)
+        engines.shutdown(timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("replacement", "ready_timeout_s", "message"),
+    [
+        ((False, 0.2, 3), 60.0, r"EngineCore_0 \(pid \d+\) exited with code 3 after a restart"),
+        ((False, 60, 0), 0.5, r"EngineCore_0 did not report READY within 0.5s of its restart"),
+    ],
+)
+def test_a_replacement_that_never_gets_ready_ends_the_wait(
+    replacement: tuple[bool, float, int], ready_timeout_s: float, message: str
+) -> None:
+    api = StubManager([(60, 0)], "ApiServer")
+    engines = RestartableEngines([(0.2, 0)], [replacement])  # exit 0 is replaced too
+    try:
+        with pytest.raises(RuntimeError, match=message):
+            wait_for_completion_or_failure(
+                api, engines, restart_policy=_restarts(ready_timeout_s=ready_timeout_s)
+            )
+    finally:
+        api.shutdown(timeout=0)
+        engines.shutdown(timeout=0)
+
+
+def test_with_restarts_the_wait_ends_when_the_api_servers_exit() -> None:
+    # Engines never "complete" while they are replaced: the API servers' exit ends the wait.
+    api = StubManager([(0.5, 0)], "ApiServer")
+    engines = RestartableEngines([(60, 0)], [])
+    try:
+        assert wait_for_completion_or_failure(api, engines, restart_policy=_restarts()) is None
+        assert engines.processes[0].is_alive()
+    finally:
+        api.shutdown(timeout=0)
+        engines.shutdown(timeout=0)
+
+
+def test_a_policy_that_does_not_restart_changes_nothing() -> None:
+    api = StubManager([(60, 0)], "ApiServer")
+    engines = RestartableEngines([(0.2, 1)], [(True, 60, 0)])
+    policy = EngineRestartPolicy(enabled=False)
+    try:
+        with pytest.raises(
+            RuntimeError, match=r"Process EngineCore_0 \(PID: \d+\) died with exit code 1$"
+        ):
+            wait_for_completion_or_failure(api, engines, restart_policy=policy)
+        assert engines.announced == [] and len(engines.replacements) == 1
+    finally:
+        api.shutdown(timeout=0)
+        engines.shutdown(timeout=0)
+
+
+def test_restart_policy_decisions() -> None:
+    off = EngineRestartPolicy(enabled=False)
+    assert not off.restarts_engines and off.stall_exit_s(5.0) is None
+    with pytest.raises(RuntimeError, match="^death$"):
+        off.restart_or_fail(0, "death", 0.0)
+    on = EngineRestartPolicy(max_restarts=1, window_s=10.0)
+    assert on.restarts_engines and on.stall_exit_s(5.0) == 5.0
+    on.restart_or_fail(0, "death", 0.0)
+    with pytest.raises(RuntimeError, match="death; not restarting it again"):
+        on.restart_or_fail(0, "death", 5.0)
+    on.restart_or_fail(0, "death", 10.5)  # the first restart left the window

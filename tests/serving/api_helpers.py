@@ -103,7 +103,9 @@ def hand_built_topology(
     args: argparse.Namespace, engine_target: Callable[..., None], engine_grace_s: float
 ) -> Iterator[Topology]:
     """Start `engine_target` as EngineCore_0 and one API server for `args`; shut both down
-    after (the engine gets `engine_grace_s` after SIGTERM before it is killed)."""
+    after (the engine gets `engine_grace_s` after SIGTERM before it is killed). The API
+    server gets the namespace itself (the seed's contract of `run_api_server_worker_proc`),
+    where the launcher hands it a `ServerConfig`: both paths stay exercised."""
     sock = bind_listen_socket("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     engines = CoreEngineProcManager(

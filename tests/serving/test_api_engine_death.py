@@ -25,32 +25,16 @@ from tests.serving.api_helpers import (
     wait_until,
 )
 from tests.serving.conftest import TINY_FLAGS
+from tests.serving.engine_faults import engine_target, failing_on_boom
 
 LONG = {"prompt": "A long answer", "max_tokens": 200, "ignore_eos": True, "stream": True}
-
-
-def run_engine_core_dying_on_boom(*args: object) -> None:
-    """`run_engine_core`, except that a step raises once it holds a request whose id contains
-    "boom" (set through x-request-id): a fatal engine error, reported as ENGINE_CORE_DEAD."""
-    from shoal.engine.core import EngineCore
-    from shoal.engine.manager import run_engine_core
-
-    real_step = EngineCore.step
-
-    def step(self: EngineCore) -> object:
-        if any("boom" in rid for rid in self.scheduler.requests):
-            raise RuntimeError("injected fatal engine error")
-        return real_step(self)
-
-    EngineCore.step = step  # type: ignore[method-assign]
-    run_engine_core(*args)
 
 
 @pytest.fixture
 def topology(tiny_model_dir: str) -> Iterator[Topology]:
     args = make_serve_parser().parse_args([tiny_model_dir, *TINY_FLAGS])
     args.shutdown_timeout = 1.0
-    with hand_built_topology(args, run_engine_core_dying_on_boom, engine_grace_s=10) as t:
+    with hand_built_topology(args, engine_target(failing_on_boom), engine_grace_s=10) as t:
         yield t
 
 

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 
-from shoal.config import ShoalConfig
+from shoal.api.server import _server_config
+from shoal.config import ServerConfig, ShoalConfig
 from shoal.entrypoints.cli import main
 from shoal.entrypoints.serve_args import (
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     config_from_args,
     make_serve_parser,
+    server_config_from_args,
 )
 
 
@@ -98,6 +100,103 @@ def test_invalid_values_name_the_flag(argv: list[str], flag: str) -> None:
 def test_namespace_is_picklable() -> None:
     args = _parse("--api-key", "k")
     assert vars(pickle.loads(pickle.dumps(args))) == vars(args)
+
+
+def test_server_config_defaults_are_the_flag_defaults() -> None:
+    assert server_config_from_args(_parse()) == ServerConfig()
+
+
+def test_server_flags_reach_the_server_config() -> None:
+    args = _parse(
+        "/m",
+        "--tokenizer",
+        "/t",
+        "--served-model-name",
+        "x",
+        "--host",
+        "::1",
+        "--port",
+        "0",
+        "--api-server-count",
+        "2",
+        "--data-parallel-size",
+        "3",
+        "--shutdown-timeout",
+        "1.5",
+        "--engine-ready-timeout",
+        "7",
+        "--engine-stall-timeout",
+        "0",
+        "--restart-dead-engines",
+        "--api-key",
+        "k",
+        "--max-num-queued-requests",
+        "9",
+        "--max-request-body-bytes",
+        "100",
+        "--stream-interval",
+        "4",
+        "--uvicorn-log-level",
+        "info",
+    )
+    assert server_config_from_args(args) == ServerConfig(
+        model="/m",
+        tokenizer="/t",
+        served_model_name="x",
+        host="::1",
+        port=0,
+        api_server_count=2,
+        data_parallel_size=3,
+        shutdown_timeout_s=1.5,
+        engine_ready_timeout_s=7.0,
+        engine_stall_timeout_s=0.0,
+        restart_dead_engines=True,
+        api_key="k",
+        max_num_queued_requests=9,
+        max_request_body_bytes=100,
+        stream_interval=4,
+        uvicorn_log_level="info",
+    )
+
+
+def test_server_config_resolves_what_the_flags_leave_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shoal import envs
+
+    monkeypatch.setenv("SHOAL_ENGINE_READY_TIMEOUT_S", "42")
+    monkeypatch.setattr(envs, "ENVS", envs._read())
+    config = ServerConfig(engine_stall_timeout_s=0.0)
+    assert config.ready_timeout_s == 42.0 and config.stall_timeout_s is None
+    config = ServerConfig(engine_ready_timeout_s=3.0, engine_stall_timeout_s=5.0)
+    assert config.ready_timeout_s == 3.0 and config.stall_timeout_s == 5.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("port", -1, "--port"),
+        ("api_server_count", 0, "--api-server-count"),
+        ("engine_stall_timeout_s", -1.0, "--engine-stall-timeout"),
+        ("max_num_queued_requests", 0, "--max-num-queued-requests"),
+        ("uvicorn_log_level", "loud", "--uvicorn-log-level"),
+    ],
+)
+def test_server_config_names_the_flag(field: str, value: object, flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        ServerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_server_config_crosses_to_the_api_servers() -> None:
+    """Pickled to every API-server process; the seed's namespace is converted there once."""
+    config = server_config_from_args(_parse("--api-key", "k", "--restart-dead-engines"))
+    assert pickle.loads(pickle.dumps(config)) == config
+    assert _server_config(config) is config
+    args = _parse("--api-key", "k", "--restart-dead-engines")
+    assert _server_config(args) == config
+    args.stream_interval = 0
+    with pytest.raises(ValueError, match="--stream-interval"):
+        _server_config(args)
 
 
 def test_cli_reports_a_bad_flag_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

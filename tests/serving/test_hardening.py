@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from shoal.api.admission import AdmissionControl
+from shoal.api.app import _api_key_guard
 from shoal.api.asgi import MAX_BODY_BYTES, App, Request, Response, StreamingResponse
-from shoal.api.server import _api_key_guard
 from shoal.entrypoints.serve_args import config_from_args, make_serve_parser
 
 SECRET = "secret-detail /srv/shoal/internal.py line 42"

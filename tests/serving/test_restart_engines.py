@@ -16,8 +16,8 @@ import httpx
 import psutil
 import pytest
 
-from shoal.entrypoints.launcher import RestartPolicy
 from shoal.entrypoints.serve_args import make_serve_parser
+from shoal.runtime.restart import EngineRestartPolicy as RestartPolicy
 from tests.serving.api_helpers import TIMEOUT_S, wait_until
 from tests.serving.conftest import ServeProcess
 from tests.serving.test_faults import Streams

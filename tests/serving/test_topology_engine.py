@@ -22,7 +22,7 @@ from shoal.protocol import (
 from shoal.protocol import engine_identity as ident
 from shoal.runtime.procs import SPAWN_CTX
 from tests.helpers import make_tiny_model_dir
-from tests.serving.engine_faults import exit_with_code_3, run_engine_core_failing_on_boom
+from tests.serving.engine_faults import exit_with_code_3, failing_on_boom
 from tests.serving.engine_harness import FakeApiServers, make_request, tiny_config, tokens
 
 
@@ -184,9 +184,7 @@ def test_utility_call_runs_the_live_engines_integrity_check(served) -> None:
 
 def test_fatal_error_sends_engine_core_dead_and_exits_non_zero(model_dir) -> None:
     servers = FakeApiServers(num_clients=2)
-    manager = servers.start_engines(
-        tiny_config(model_dir), target_fn=run_engine_core_failing_on_boom
-    )
+    manager = servers.start_engines(tiny_config(model_dir), runner_factory=failing_on_boom)
     try:
         servers.wait_ready(manager)
         servers.add(0, make_request("fine", max_tokens=2))

@@ -115,16 +115,17 @@ def test_min_tokens_masks_eos(checkpoint) -> None:
     assert eos not in outputs[:2] and outputs[0] != greedy[0]
 
 
-def _count_calls(monkeypatch: pytest.MonkeyPatch, model, *names: str) -> dict[str, int]:
-    calls = dict.fromkeys(names, 0)
-    for name in names:
-        original = getattr(model, name)
+def _count_calls(monkeypatch: pytest.MonkeyPatch, *targets: tuple[object, str]) -> dict[str, int]:
+    """Count the calls of each (object, method name)."""
+    calls = {name: 0 for _, name in targets}
+    for obj, name in targets:
+        original = getattr(obj, name)
 
         def counted(*args, _name=name, _original=original):
             calls[_name] += 1
             return _original(*args)
 
-        monkeypatch.setattr(model, name, counted)
+        monkeypatch.setattr(obj, name, counted)
     return calls
 
 
@@ -133,13 +134,20 @@ def test_plain_greedy_steps_skip_the_logits(checkpoint, monkeypatch) -> None:
     the hidden states (transformers' tokens still); anything else takes the logits."""
     hf, path = checkpoint
     runner = make_runner(path)
-    calls = _count_calls(monkeypatch, runner.model, "compute_logits", "greedy_token_ids")
+    assert runner.fused_decode is not None
+    calls = _count_calls(
+        monkeypatch,
+        (runner.model, "compute_logits"),
+        (runner.greedy_head, "token_ids"),
+        (runner.fused_decode, "forward"),
+    )
     driver = RunnerDriver(runner, num_blocks=128, chunk=5)
     for req_id in "bd":
         driver.add(req_id, PROMPTS[req_id], temperature=0.0, max_tokens=8)
     done = driver.run()
-    assert calls == {"compute_logits": 0, "greedy_token_ids": calls["greedy_token_ids"]}
-    assert calls["greedy_token_ids"] >= 8
+    assert calls["compute_logits"] == 0
+    assert calls["token_ids"] >= 8
+    assert calls["forward"] >= 5  # the runner took the fused path for the decode-only steps
     for req_id in "bd":
         prompt = torch.tensor([PROMPTS[req_id]])
         expected = hf.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
@@ -158,16 +166,17 @@ def test_plain_greedy_steps_skip_the_logits(checkpoint, monkeypatch) -> None:
 
 
 def test_native_lm_head_can_be_turned_off(checkpoint, monkeypatch) -> None:
-    from shoal.model import llama
+    from shoal.model.greedy_head import GreedyHead
+    from shoal.model.ops import select_ops
 
     _, path = checkpoint
     runner = make_runner(path)
     hidden = torch.randn(3, runner.model.arch.hidden_size)
-    assert runner.model.greedy_token_ids(hidden) is not None
-    assert runner.model.greedy_token_ids(hidden.bfloat16()) is None
+    assert runner.greedy_head.token_ids(hidden) is not None
+    assert runner.greedy_head.token_ids(hidden.bfloat16()) is None
     monkeypatch.setenv("SHOAL_NATIVE_LM_HEAD", "0")
-    monkeypatch.setattr(llama, "_native_lm_head", False)  # looked up again
-    assert runner.model.greedy_token_ids(hidden) is None
+    # The ops table a process started with the switch off gets.
+    assert GreedyHead(runner.model, select_ops()).token_ids(hidden) is None
 
 
 def test_dummy_bfloat16_runner(tmp_path) -> None:
@@ -257,13 +266,13 @@ def test_large_steps_use_the_core_left_to_the_api_servers(
         runner._large_step_tokens = 8
         runner._frontend_busy_tokens_per_s = -1.0
         seen: list[int] = []
-        real_forward = runner.model.forward
+        real_forward = runner._forward  # each step's forward, fused or not
 
         def forward(*args, **kwargs):
             seen.append(torch.get_num_threads())
             return real_forward(*args, **kwargs)
 
-        monkeypatch.setattr(runner.model, "forward", forward)
+        monkeypatch.setattr(runner, "_forward", forward)
         driver = RunnerDriver(runner, num_blocks=128, chunk=64)
         driver.add("long", list(range(1, 17)), temperature=0.0, max_tokens=3)
         driver.run()
