@@ -63,7 +63,7 @@ def _extensions_and_cmdclass() -> tuple[list, dict]:
             base = self.build_temp
             self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
             try:
-                print(f"shoal: compiling native kernels {ext.name} (about a minute)", flush=True)
+                print(f"shoal: compiling native kernels {ext.name} (a minute or more)", flush=True)
                 super().build_extension(ext)
             finally:
                 self.build_temp = base

@@ -1,6 +1,6 @@
-// 4-bit GGUF weights (Q4_1 blocks, Q4_0 converted to them) times per-block int8 activations,
-// for `--quantization gguf`. Compiled into the same extension as kernels.cpp, which calls
-// register_q4() from its PYBIND11_MODULE and q4_linear() from decode_layers.
+// GGUF 4-bit linears (`--quantization gguf`): q4_linear, y = x W^T (+ bias) for 4-bit weight
+// blocks (Q4_1, Q4_0 converted to them) times per-block int8 activations. decode_layers.cpp
+// calls it for a linear whose weight slot is uint8.
 //
 // Definitions. A weight block is 32 consecutive input channels of one output channel n:
 // w[n, k] = d[n, b] * q[n, k] + m[n, b], q in 0..15, d and m float16 (GGUF's Q4_1). Each row
@@ -31,16 +31,11 @@
 // activation bytes broadcast against it, vpmaddubsw leaves each output's sums in its own lanes
 // and no horizontal sums are needed.
 
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <torch/extension.h>
-
 #include "shared.h"
 
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 
+namespace shoal_native {
 namespace {
 
 constexpr int64_t kBlock = 32;         // input channels per block
@@ -57,8 +52,6 @@ struct Q4Problem {
   float* y;          // [M, N]
   int64_t N;
 };
-
-using shoal_native::lane_mask;
 
 inline __m256i broadcast4(const int8_t* p) {
   int32_t v;
@@ -258,8 +251,8 @@ inline void q4_tile(const Q4Problem& p, int64_t m0, int64_t n0) {
 
 // Rows [m0, m1) x output channels [nb, ne) (nb % 8 == 0): NV panels at a time (then one by
 // one) outer, MT-row tiles inner, so a panel group stays in L1 while the rows pass over it.
-// The next group is prefetched a share before each full tile, as kernels.cpp's int8_block
-// does and for the same reason (at 16 rows: layers 1.08-1.12x, the LM head 1.18-1.2x).
+// The next group is prefetched a share before each full tile, as int8.cpp's int8_block does
+// and for the same reason (the first tile of a group would otherwise wait on memory).
 template <int MT, int NV>
 void q4_block(const Q4Problem& p, int64_t m0, int64_t m1, int64_t nb, int64_t ne) {
   static_assert(MT >= 1 && MT <= 4, "tiles of up to 4 rows");
@@ -359,7 +352,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n_out,
   const Q4Problem p{ap, dxp, sp, K, KB, w.data_ptr<uint8_t>(),
                     bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), N};
   // Work items as in int8_linear (shared.h).
-  shoal_native::for_each_work_item(M, N, [&](int64_t mb, int64_t me, int64_t nb, int64_t ne) {
+  for_each_work_item(M, N, [&](int64_t mb, int64_t me, int64_t nb, int64_t ne) {
     if (me - mb > 2)
       q4_block<4, 2>(p, mb, me, nb, ne);
     else
@@ -368,9 +361,4 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, int64_t n_out,
   return y;
 }
 
-void register_q4(pybind11::module_& m) {
-  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
-  m.def("q4_linear", &q4_linear, nogil,
-        "y = x W^T (+ bias): GGUF 4-bit weight blocks (pack_q4 layout), per-block int8 "
-        "activations");
-}
+}  // namespace shoal_native

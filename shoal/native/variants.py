@@ -3,8 +3,8 @@
 Imported by `setup.py` (by path, before shoal is installed: so nothing here imports torch or
 the rest of shoal) to compile one extension module per level when shoal is installed, and by
 `shoal.native` to pick the best level this CPU runs. Every level compiles the same sources
-(`kernels.cpp`, `q4.cpp`); the preprocessor picks the instructions (`shared.h`'s SHOAL_VNNI,
-kernels.cpp's SHOAL_BF16), and every level gives the same bits
+(SOURCES: one per kernel family, and `module.cpp`, the Python module); the preprocessor picks
+the instructions (`shared.h`'s SHOAL_VNNI and SHOAL_BF16), and every level gives the same bits
 (tests/model/test_native_targets.py compares them).
 
 Named `-march` levels, not `-march=native`: a wheel built on one machine must run on another,
@@ -19,8 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# kernels.cpp holds PYBIND11_MODULE and registers q4.cpp's functions.
-SOURCES = ("kernels.cpp", "q4.cpp")
+# module.cpp holds PYBIND11_MODULE and registers every family's kernels (declared in shared.h).
+SOURCES = (
+    "module.cpp",
+    "int8.cpp",  # int8_linear, int8_linear_argmax
+    "q4.cpp",  # q4_linear
+    "attention.cpp",  # paged_decode_attention
+    "elementwise.cpp",  # rms_norm, silu_mul, rope_and_cache
+    "lm_head.cpp",  # pack_lm_head, lm_head_argmax, lm_head_argmax_bf16
+    "decode_layers.cpp",  # decode_layers
+)
 # Included by the sources: part of the source hash, not compiled on their own.
 HEADERS = ("shared.h",)
 # -g0: no debug information (Python's own flags ask for -g: 17 MB modules, slower builds).
