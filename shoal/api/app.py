@@ -107,14 +107,22 @@ async def _retry_later(
 
 
 def _api_key_guard(api_key: str) -> Callable[[Request], None]:
-    """A guard refusing (401) requests without `Authorization: Bearer <api_key>`; the
+    """A guard refusing (401) requests without `Authorization: Bearer <api_key>` or
+    `x-api-key: <api_key>` (what Anthropic-style clients and some proxies send); the
     comparison takes the same time wherever the given value first differs."""
     expected = f"Bearer {api_key}".encode()
+    expected_key = api_key.encode()
 
     def check(request: Request) -> None:
         given = request.headers.get("authorization", "").encode("latin-1")
-        if not secrets.compare_digest(given, expected):
-            raise HTTPError(401, "invalid or missing API key (Authorization: Bearer <key>)")
+        given_key = request.headers.get("x-api-key", "").encode("latin-1")
+        # Both compared, always: no timing difference tells which header was tried.
+        bearer_ok = secrets.compare_digest(given, expected)
+        key_ok = secrets.compare_digest(given_key, expected_key)
+        if not (bearer_ok or key_ok):
+            raise HTTPError(
+                401, "invalid or missing API key (Authorization: Bearer <key>, or x-api-key)"
+            )
 
     return check
 

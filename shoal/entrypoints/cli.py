@@ -16,7 +16,10 @@ SUBCOMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shoal import __version__
+
     parser = argparse.ArgumentParser(prog="shoal", description="shoal LLM inference server")
+    parser.add_argument("--version", action="version", version=f"shoal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in dict.fromkeys(SUBCOMMANDS.values()):
         importlib.import_module(module_name).register(sub)

@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
         help="complete one prompt offline and print the completion",
         description="Load a model in this process, complete PROMPT and print the completion.",
     )
-    gen.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    gen.add_argument(
+        "prompt", help="the prompt text ('-' reads it from stdin, without its trailing newlines)"
+    )
     gen.add_argument(
         "--chat",
         action="store_true",
@@ -167,7 +169,9 @@ def _load_llm(args: argparse.Namespace) -> LLM:
 
 def run_generate(args: argparse.Namespace) -> int:
     """`shoal generate`: print each completion of the prompt (separated by a blank line)."""
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # `echo text | shoal generate -` ends the text with a newline the user did not mean as
+    # part of the prompt (it would change what comes next): trailing newlines are dropped.
+    prompt = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
     params = _sampling_params(args, n=args.n)
     llm = _load_llm(args)
     if args.chat:

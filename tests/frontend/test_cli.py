@@ -146,3 +146,30 @@ def test_chat_ends_at_eof_and_survives_an_overlong_turn(
     captured = capsys.readouterr()
     assert "error: the conversation" in captured.err and "no longer fits" in captured.err
     assert captured.out.count("\n") == 1  # only the short turn got a reply
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from shoal import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"shoal {__version__}"
+
+
+def test_generate_from_stdin_drops_the_trailing_newline(
+    tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`echo "..." | shoal generate -` answers as the same prompt given as an argument: the
+    newline echo adds is not part of the prompt."""
+    flags = ["--model", tiny_model_dir, *ENGINE_FLAGS, "--max-tokens", "6", "--temperature", "0"]
+    flags += ["--ignore-eos"]
+    outputs = []
+    for prompt, stdin in (("Hello there", ""), ("-", "Hello there\n"), ("Hello there\n", "")):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        assert main(["generate", prompt, *flags]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    # The control: a newline that is part of the prompt changes the answer (else the
+    # comparison above could not fail).
+    assert outputs[2] != outputs[0]

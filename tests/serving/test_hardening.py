@@ -94,6 +94,10 @@ def test_the_api_key_is_checked_before_a_request_takes_an_admission_place() -> N
     assert admission.in_flight() == 0 and admission.rejected() == 0
     assert asyncio.run(_call(app, "/v1/x", headers={"authorization": "Bearer k3y"}))[0] == 200
     assert admission.in_flight() == 0  # released once the response went out
+    # x-api-key, as some clients send it: the key alone, no "Bearer".
+    for given, status in (("k3y", 200), ("Bearer k3y", 401), ("k3z", 401), ("", 401)):
+        got = asyncio.run(_call(app, "/v1/x", headers={"x-api-key": given}))[0]
+        assert got == status, given
     admission.close()
 
 
