@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -151,3 +154,25 @@ def _address(ipc_dir: str | None) -> str:
 
 def tokens(outputs: list[EngineCoreOutput]) -> list[int]:
     return [t for o in outputs for t in o.new_token_ids]
+
+
+@contextlib.contextmanager
+def serving_engine(
+    model_dir: str, num_clients: int
+) -> Iterator[tuple[FakeApiServers, CoreEngineProcManager]]:
+    """One real engine on the tiny model serving `num_clients` stand-in API servers over IPC
+    sockets in a private directory; on exit it must have stopped with code 0 and left no
+    socket file."""
+    ipc_dir = tempfile.mkdtemp(prefix="shoal-engine-test-")
+    servers = FakeApiServers(num_clients=num_clients, ipc_dir=ipc_dir)
+    manager = servers.start_engines(tiny_config(model_dir))
+    try:
+        servers.wait_ready(manager)
+        yield servers, manager
+    finally:
+        manager.shutdown(10)
+        servers.close()
+        leftovers = os.listdir(ipc_dir)
+        os.rmdir(ipc_dir)
+    assert manager.processes[0].exitcode == 0
+    assert leftovers == []

@@ -4,8 +4,6 @@ an error, alone, while the engine keeps serving the requests around it."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 
@@ -15,7 +13,7 @@ from shoal.engine.manager import CoreEngineProcManager
 from shoal.protocol import EngineCoreRequest, FinishReason
 from shoal.sampling_params import SamplingParams
 from tests.helpers import TINY_LLAMA_CONFIG, make_tiny_model_dir
-from tests.serving.engine_harness import FakeApiServers, make_request, tiny_config, tokens
+from tests.serving.engine_harness import FakeApiServers, make_request, serving_engine, tokens
 
 VOCAB = TINY_LLAMA_CONFIG["vocab_size"]
 
@@ -25,19 +23,8 @@ def served(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[FakeApiServers, CoreEngineProcManager]]:
     model_dir = make_tiny_model_dir(str(tmp_path_factory.mktemp("tiny")))
-    ipc_dir = tempfile.mkdtemp(prefix="shoal-vocab-test-")
-    servers = FakeApiServers(num_clients=1, ipc_dir=ipc_dir)
-    manager = servers.start_engines(tiny_config(model_dir))
-    try:
-        servers.wait_ready(manager)
-        yield servers, manager
-    finally:
-        manager.shutdown(10)
-        servers.close()
-        leftovers = os.listdir(ipc_dir)
-        os.rmdir(ipc_dir)
-    assert manager.processes[0].exitcode == 0
-    assert leftovers == []
+    with serving_engine(model_dir, num_clients=1) as served:
+        yield served
 
 
 def _prompt_with(token_id: int, request_id: str) -> EngineCoreRequest:

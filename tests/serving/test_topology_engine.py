@@ -3,8 +3,6 @@ ADD / ABORT / outputs per client, malformed frames, SIGTERM, a fatal error, star
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 
 import psutil
@@ -23,7 +21,13 @@ from shoal.protocol import engine_identity as ident
 from shoal.runtime.procs import SPAWN_CTX
 from tests.helpers import make_tiny_model_dir
 from tests.serving.engine_faults import exit_with_code_3, failing_on_boom
-from tests.serving.engine_harness import FakeApiServers, make_request, tiny_config, tokens
+from tests.serving.engine_harness import (
+    FakeApiServers,
+    make_request,
+    serving_engine,
+    tiny_config,
+    tokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +38,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def served(model_dir: str) -> Iterator[tuple[FakeApiServers, CoreEngineProcManager]]:
     """One engine serving two stand-in API servers, shared by the tests that leave it healthy."""
-    ipc_dir = tempfile.mkdtemp(prefix="shoal-engine-test-")
-    servers = FakeApiServers(num_clients=2, ipc_dir=ipc_dir)
-    manager = servers.start_engines(tiny_config(model_dir))
-    try:
-        servers.wait_ready(manager)
-        yield servers, manager
-    finally:
-        manager.shutdown(10)
-        servers.close()
-        leftovers = os.listdir(ipc_dir)
-        os.rmdir(ipc_dir)
-    assert manager.processes[0].exitcode == 0
-    assert leftovers == []
+    with serving_engine(model_dir, num_clients=2) as served:
+        yield served
 
 
 @pytest.fixture
