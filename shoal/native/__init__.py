@@ -60,9 +60,6 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-_cpu_flags = cpu_flags  # (the old private name, used by tests)
-
-
 def choose_variant() -> tuple[Variant | None, str | None]:
     """(the level to load, None) or (None, why none can be loaded here)."""
     env = envs.refresh()
