@@ -173,3 +173,10 @@ def test_generate_from_stdin_drops_the_trailing_newline(
     # The control: a newline that is part of the prompt changes the answer (else the
     # comparison above could not fail).
     assert outputs[2] != outputs[0]
+
+
+def test_the_old_console_script_entry_point_still_resolves() -> None:
+    """Installs made before the move wrote `shoal = shoal.cli:main` into their console script."""
+    import shoal.cli
+
+    assert shoal.cli.main is main
