@@ -18,6 +18,13 @@ pip install -q "setuptools>=77" wheel "ninja>=1.11"
 echo "bootstrap: installing shoal and compiling its native kernels (a few minutes the first time)" >&2
 if [ "${1:-}" = "test" ]; then
     pip install -q --no-build-isolation -e ".[test]"
+    # The dashboard's browser test drives Debian's Chromium through Playwright (never a
+    # Playwright browser download). Without it that one test skips and says why.
+    if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "bootstrap: installing Debian's chromium for the dashboard's browser test" >&2
+        (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
+            || echo "bootstrap: could not install chromium; the browser test will skip" >&2
+    fi
 else
     pip install -q --no-build-isolation -e .
 fi
