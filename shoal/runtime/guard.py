@@ -22,8 +22,8 @@ starts is not covered by its parent's guard. One started through shoal's runtime
 (`ProcessManager.spawn`, `guarded_process`, `popen_guard`) is guarded against its own
 parent: the launcher dies, the kernel kills the child, then the grandchild, and so on down
 the tree. Any other grandchild (a bare `subprocess.Popen` or `multiprocessing.Process`) is
-re-parented to init and survives a SIGKILLed launcher; an orderly `shutdown()` still kills
-it with its parent's process tree and group.
+re-parented to init; an orderly `shutdown()` still kills it with its parent's process tree
+and group, and after a SIGKILLed launcher its sweeper (`shoal.runtime.sweeper`) does.
 
 Stdlib only: every child imports this module before its target.
 """
