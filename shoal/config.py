@@ -156,6 +156,117 @@ class ShoalConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Seconds between a served engine's one-line stats log (throughput, queues, KV usage,
+    # prefix cache hits; shoal.engine.stats_log); 0 = none (--disable-log-stats). The
+    # offline `LLM` drives its engine without the process loop, so it never logs them.
+    log_stats_interval_s: float = 10.0
+
+
+# --data-parallel-backend: "mp" = engine processes on this host (and --headless hosts), "ray" =
+# every engine a Ray actor (shoal.engine.ray_engines). Ray's placement strategies.
+DATA_PARALLEL_BACKENDS = ("mp", "ray")
+RAY_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class ScaleOutConfig:
+    """Where the data-parallel engines run beyond this host (docs/scale-out.md)."""
+
+    data_parallel_backend: str = "mp"
+    # Engines this host runs (mp backend); None = all of --data-parallel-size. The rest are
+    # --headless engines on other hosts that join over TCP.
+    data_parallel_size_local: int | None = None
+    # The first engine index this host runs (--headless hosts; the front end's is 0).
+    data_parallel_start_rank: int = 0
+    # The front end's address that engines on other hosts reach; None = --host (Ray: the
+    # head node's IP as Ray sees it).
+    data_parallel_address: str | None = None
+    # The front end's TCP port where --headless hosts join.
+    data_parallel_rpc_port: int = 29550
+    # Run only engines (no API server) that join the front end at
+    # --data-parallel-address:--data-parallel-rpc-port.
+    headless: bool = False
+    # The Ray cluster (`ray.init(address=...)`); None = $RAY_ADDRESS, else a local Ray
+    # instance the launcher starts and stops.
+    ray_address: str | None = None
+    ray_placement_strategy: str = "PACK"
+    ray_cpus_per_engine: float = 1.0
+    # None = 1 on --device cuda, else 0.
+    ray_gpus_per_engine: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.data_parallel_backend in DATA_PARALLEL_BACKENDS,
+            "--data-parallel-backend",
+            f"must be one of {DATA_PARALLEL_BACKENDS}, got {self.data_parallel_backend!r}",
+        )
+        _check(
+            self.data_parallel_size_local is None or self.data_parallel_size_local >= 0,
+            "--data-parallel-size-local",
+            f"must be at least 0, got {self.data_parallel_size_local}",
+        )
+        _check(
+            self.data_parallel_start_rank >= 0,
+            "--data-parallel-start-rank",
+            f"must be at least 0, got {self.data_parallel_start_rank}",
+        )
+        _check(
+            1 <= self.data_parallel_rpc_port <= 65535,
+            "--data-parallel-rpc-port",
+            f"must be in [1, 65535], got {self.data_parallel_rpc_port}",
+        )
+        _check(
+            self.ray_placement_strategy in RAY_PLACEMENT_STRATEGIES,
+            "--ray-placement-strategy",
+            f"must be one of {RAY_PLACEMENT_STRATEGIES}, got {self.ray_placement_strategy!r}",
+        )
+        _check(self.ray_cpus_per_engine > 0, "--ray-cpus-per-engine", "must be positive")
+        _check(
+            self.ray_gpus_per_engine is None or self.ray_gpus_per_engine >= 0,
+            "--ray-gpus-per-engine",
+            "must be non-negative",
+        )
+        _check(
+            not (self.headless and self.data_parallel_backend == "ray"),
+            "--headless",
+            "runs engine processes of its own; it cannot be combined with "
+            "--data-parallel-backend ray",
+        )
+
+    def check_ranks(self, data_parallel_size: int) -> None:
+        """`ValueError` naming the flag when this host's engines fall outside 0..size-1."""
+        local = self.local_engines(data_parallel_size)
+        start = self.data_parallel_start_rank
+        _check(
+            start < data_parallel_size,
+            "--data-parallel-start-rank",
+            f"{start} is out of range for --data-parallel-size {data_parallel_size} "
+            f"(engines 0..{data_parallel_size - 1})",
+        )
+        _check(
+            start + local <= data_parallel_size,
+            "--data-parallel-start-rank",
+            f"engines {start}..{start + local - 1} of this host are out of range for "
+            f"--data-parallel-size {data_parallel_size}",
+        )
+        _check(
+            self.headless or start == 0,
+            "--data-parallel-start-rank",
+            "only --headless hosts start above 0 (the front end runs engines 0..K-1)",
+        )
+        _check(
+            not self.headless or local >= 1,
+            "--data-parallel-size-local",
+            "a --headless host runs at least one engine",
+        )
+
+    def local_engines(self, data_parallel_size: int) -> int:
+        """The number of engines this host runs itself (Ray: none are local processes)."""
+        if self.data_parallel_backend == "ray":
+            return 0
+        if self.data_parallel_size_local is None:
+            return data_parallel_size - self.data_parallel_start_rank
+        return self.data_parallel_size_local
 
 
 @dataclass(frozen=True)
@@ -193,13 +304,31 @@ class ServerConfig:
     # Tokens per streamed chunk (shoal.processing.output_processor).
     stream_interval: int = 1
     uvicorn_log_level: str = "warning"
+    # Engines on other hosts: Ray actors or --headless hosts (docs/scale-out.md).
+    scale_out: ScaleOutConfig = field(default_factory=ScaleOutConfig)
+    # /v1/completions takes `prompt_embeds`, sent to the engines on a shared-memory tensor
+    # queue (shoal.runtime.tensor_queue).
+    enable_prompt_embeds: bool = False
+    # CORS, with vLLM's defaults: any origin, method and header; no credentials.
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    # A Jinja chat template (its text, or a file holding it) replacing the tokenizer's.
+    chat_template: str | None = None
+    # One INFO line per HTTP request from every API server.
+    access_log: bool = False
+    # tool_choice "auto": tool calls read out of free output by this parser
+    # (shoal.processing.tool_parsers.TOOL_PARSERS); both or neither.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "--port", f"must be in [0, 65535], got {self.port}")
         _check(
             self.api_server_count >= 1,
             "--api-server-count",
-            "must be at least 1 (headless engines are not supported by `shoal serve`), "
+            "must be at least 1 (engines without API servers: --headless), "
             f"got {self.api_server_count}",
         )
         _check(
@@ -241,6 +370,32 @@ class ServerConfig:
             self.uvicorn_log_level in UVICORN_LOG_LEVELS,
             "--uvicorn-log-level",
             f"must be one of {UVICORN_LOG_LEVELS}, got {self.uvicorn_log_level!r}",
+        )
+        self.scale_out.check_ranks(self.data_parallel_size)
+        _check(
+            not self.enable_prompt_embeds
+            or (
+                self.scale_out.data_parallel_backend == "mp"
+                and self.scale_out.local_engines(self.data_parallel_size) == self.data_parallel_size
+            ),
+            "--enable-prompt-embeds",
+            "needs every engine on this host (tensors travel through shared memory)",
+        )
+        self._check_tool_flags()
+
+    def _check_tool_flags(self) -> None:
+        from shoal.processing.tool_parsers import TOOL_PARSERS  # stdlib only
+
+        parser = self.tool_call_parser
+        _check(
+            parser is None or parser in TOOL_PARSERS,
+            "--tool-call-parser",
+            f"must be one of {sorted(TOOL_PARSERS)}, got {parser!r}",
+        )
+        _check(
+            not self.enable_auto_tool_choice or parser is not None,
+            "--enable-auto-tool-choice",
+            "needs --tool-call-parser",
         )
 
     @property

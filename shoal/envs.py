@@ -77,6 +77,12 @@ class Envs:
     # CPU weights and KV cache in 2 MB pages (shoal/worker/huge_pages.py); off with
     # SHOAL_HUGE_PAGES=0 (A/B runs).
     huge_pages: bool
+    # Seconds between the engines' stats lines under `shoal serve` (vLLM's
+    # VLLM_LOG_STATS_INTERVAL); --disable-log-stats turns them off.
+    log_stats_interval_s: float = 10.0
+    # Shared secret of the engine sockets that cross hosts (tcp://): with it, each speaks
+    # ZMQ CURVE under keys derived from it (shoal.runtime.addresses; docs/scale-out.md).
+    engine_secret: str | None = None
 
 
 def _read() -> Envs:
@@ -99,6 +105,8 @@ def _read() -> Envs:
         native_lm_head=_bool("SHOAL_NATIVE_LM_HEAD", True),
         native_isa=_native_isa(),
         huge_pages=_bool("SHOAL_HUGE_PAGES", True),
+        log_stats_interval_s=_float("SHOAL_LOG_STATS_INTERVAL_S", 10.0),
+        engine_secret=os.environ.get("SHOAL_ENGINE_SECRET") or None,
     )
 
 

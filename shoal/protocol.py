@@ -53,6 +53,10 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     arrival_time: float
     # Which API server sent it: outputs go back on that server's output socket.
     client_index: int = 0
+    # The prompt is a [len(prompt_token_ids), hidden] tensor of input embeddings, sent
+    # ahead on the engine's tensor queue (`shoal.runtime.tensor_queue`), not in this frame;
+    # prompt_token_ids then holds placeholders (0) that only count the positions.
+    has_prompt_embeds: bool = False
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True, gc=False):
@@ -66,6 +70,15 @@ class TokenLogprobs(msgspec.Struct, array_like=True, gc=False):
     top_logprobs: list[float] = []
 
 
+class RequestPhaseTimes(msgspec.Struct, array_like=True, gc=False):
+    """Seconds a finished request spent queued, in prefill (first scheduled to first token)
+    and in decode (first to last token) in its engine (shoal.engine.stats)."""
+
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+
+
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     request_id: str
     new_token_ids: list[int]
@@ -75,6 +88,13 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     stop_reason: int | str | None = None
     # Prompt tokens served from the prefix cache (reported once, with the first output).
     num_cached_tokens: int = 0
+    # Set on the final output: the request's phases in the engine (shoal.engine.stats).
+    phase_times: RequestPhaseTimes | None = None
+    # With the first output of a request that asked for them (`prompt_logprobs`): the
+    # logprobs of prompt tokens 1..len-1 (the first has none).
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    # An embedding request's pooled vector, float32 little-endian (with its final output).
+    embedding: bytes = b""
 
     @property
     def finished(self) -> bool:
@@ -97,6 +117,14 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_ctx_tokens: int = 0
     num_generation_requests: int = 0
     num_generation_tokens: int = 0
+    # Totals since the engine started (shoal.engine.stats says why cumulative): prefix-cache
+    # tokens looked up and found, requests preempted, and steps by tokens scheduled
+    # (counts per bucket of ITERATION_TOKENS_BUCKETS, +Inf last; and the tokens' sum).
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
+    num_preemptions_total: int = 0
+    iteration_tokens_counts: list[int] = []
+    iteration_tokens_sum: int = 0
 
 
 class KVCacheStatus(msgspec.Struct, array_like=True, gc=False):
@@ -211,6 +239,8 @@ class EngineReady(msgspec.Struct, array_like=True, gc=False):
     # The model's vocabulary size (its embedding rows; 0: not reported). The API servers
     # check prompt ids against it as well as the tokenizer's: the two can differ.
     vocab_size: int = 0
+    # The model's hidden size (0: not reported): the width `prompt_embeds` must have.
+    hidden_size: int = 0
 
 
 class AbortRequest(msgspec.Struct, array_like=True, gc=False):
@@ -241,3 +271,56 @@ class EngineAddresses(msgspec.Struct, array_like=True, gc=False):
 
     input_addresses: list[str]
     output_addresses: list[str]
+
+
+class TensorHandle(msgspec.Struct, array_like=True, gc=False):
+    """API server -> engine k on the tensor queue (`shoal.runtime.tensor_queue`): where the
+    bytes of request `request_id`'s tensor wait in shared memory. The engine copies them
+    out and unlinks the segment at once."""
+
+    request_id: str
+    segment: str  # file name under the shared-memory directory
+    dtype: str  # "float32", ...
+    shape: list[int]
+
+
+# ---------------------------------------------------------------------------------------------
+# --headless hosts (shoal.engine.headless, docs/scale-out.md): a host's DEALER connects to the
+# front end's ROUTER on --data-parallel-address:--data-parallel-rpc-port. Frames: [kind,
+# payload], kind one of HEADLESS_HELLO / HEADLESS_WELCOME / HEADLESS_NOTICE.
+#   host -> front end: HEADLESS_HELLO, HeadlessHello (which engines it runs)
+#   front end -> host: HEADLESS_WELCOME, HeadlessWelcome (addresses, or why it is refused)
+#   host -> front end: HEADLESS_NOTICE, HeadlessNotice("ready", engines=[EngineReady...]),
+#   later ("dead", reason) when one of its engines died; front end -> host: ("stop", reason)
+# ---------------------------------------------------------------------------------------------
+HEADLESS_HELLO = b"HELLO"
+HEADLESS_WELCOME = b"WELCOME"
+HEADLESS_NOTICE = b"NOTICE"
+
+
+class HeadlessHello(msgspec.Struct, array_like=True, gc=False):
+    """A --headless host offers engines start_rank..start_rank + num_engines - 1."""
+
+    start_rank: int
+    num_engines: int
+    data_parallel_size: int
+    hostname: str = ""
+
+
+class HeadlessWelcome(msgspec.Struct, array_like=True, gc=False):
+    """The front end's answer: where its API servers and DP coordinator listen, or `error`
+    (the host is refused and exits)."""
+
+    input_addresses: list[str]
+    output_addresses: list[str]
+    coordinator_address: str | None = None
+    error: str = ""
+
+
+class HeadlessNotice(msgspec.Struct, array_like=True, gc=False):
+    """`kind`: "ready" (host -> front end, with its engines' EngineReady), "dead" (one of the
+    host's engines died: `reason`) or "stop" (front end -> host: shut down)."""
+
+    kind: str
+    reason: str = ""
+    engines: list[EngineReady] = []

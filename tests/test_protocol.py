@@ -19,9 +19,14 @@ from shoal.protocol import (
     EngineLoad,
     EngineReady,
     FinishReason,
+    HeadlessHello,
+    HeadlessNotice,
+    HeadlessWelcome,
     KVCacheStatus,
+    RequestPhaseTimes,
     RequestType,
     SchedulerStats,
+    TensorHandle,
     TokenLogprobs,
     UtilityOutput,
     UtilityRequest,
@@ -49,6 +54,11 @@ _STATS = SchedulerStats(
     num_ctx_tokens=17,
     num_generation_requests=2,
     num_generation_tokens=2,
+    prefix_cache_queries_total=1000,
+    prefix_cache_hits_total=480,
+    num_preemptions_total=4,
+    iteration_tokens_counts=[0, 3, 1],
+    iteration_tokens_sum=30,
 )
 
 # One example per struct, every field set away from its default.
@@ -84,6 +94,35 @@ EXAMPLES: list[msgspec.Struct] = [
         finish_reason=FinishReason.STOP,
         stop_reason=9,
         num_cached_tokens=16,
+        phase_times=RequestPhaseTimes(queue_s=0.5, prefill_s=0.25, decode_s=2.0),
+    ),
+    RequestPhaseTimes(0.001, 0.002, 0.003),
+    # Prompt work and logits controls (shoal/worker/prompt_pass.py, penalties.py).
+    EngineCoreOutput(
+        "req-2",
+        [],
+        finish_reason=FinishReason.LENGTH,
+        prompt_logprobs=[_LOGPROBS],
+        embedding=b"\x00\x00\x80?",
+    ),
+    EngineCoreRequest(
+        "req-3",
+        [4, 5],
+        SamplingParams(
+            max_tokens=0,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            repetition_penalty=1.2,
+            logit_bias={7: -100.0},
+            allowed_token_ids=[7, 8],
+            bad_words=["x"],
+            bad_words_token_ids=[[87]],
+            prompt_logprobs=3,
+            pooling="last",
+            normalize=False,
+        ),
+        None,
+        1.0,
     ),
     _STATS,
     EngineCoreOutputs(
@@ -105,6 +144,10 @@ EXAMPLES: list[msgspec.Struct] = [
     EngineReady(
         engine_index=1, max_model_len=2048, num_blocks=512, block_size=16, model_name="tiny"
     ),
+    # Prompt embeddings: the request's flag, the model's width, the tensor queue's handle.
+    EngineCoreRequest("req-4", [0, 0], SamplingParams(), 2, 1.0, 1, has_prompt_embeds=True),
+    EngineReady(1, 2048, 512, 16, "tiny", vocab_size=49152, hidden_size=576),
+    TensorHandle("req-4", "shoal-tq-1-ab-cd", "bfloat16", [2, 576]),
     AbortRequest(request_ids=["a", "b"]),
     EngineLoad(engine_index=1, num_waiting_reqs=4, num_running_reqs=8, kv_cache_usage=0.75),
     DPStats(loads=[(0, 1), (2, 3)], timestamp=12.0),
@@ -112,6 +155,9 @@ EXAMPLES: list[msgspec.Struct] = [
         input_addresses=["ipc:///tmp/x/in0", "tcp://127.0.0.1:5555"],
         output_addresses=["ipc:///tmp/x/out0", "tcp://127.0.0.1:5556"],
     ),
+    HeadlessHello(start_rank=2, num_engines=2, data_parallel_size=4, hostname="host-b"),
+    HeadlessWelcome(["tcp://10.0.0.1:4000"], ["tcp://10.0.0.1:4001"], "tcp://10.0.0.1:4002"),
+    HeadlessNotice("ready", engines=[EngineReady(3, 256, 64, 16, "m", 100)]),
 ]
 
 

@@ -114,6 +114,13 @@ class AdmissionControl:
         """Requests admitted and not yet finished, over every API server of the run."""
         return sum(view[0] for view in self._peers())
 
+    def in_flight_by_server(self) -> dict[int, int]:
+        """`in_flight()` per API server (client index -> requests), for the dashboard."""
+        if self.directory is None:
+            return {} if self._closed else {self.client_index: int(self._own[0])}
+        self._peers()
+        return {j: int(view[0]) for j, (_, view) in sorted(self._maps.items())}
+
     def rejected(self) -> int:
         """Requests refused over the limit, over every API server of the run."""
         return sum(view[1] for view in self._peers())

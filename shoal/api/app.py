@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,7 +32,12 @@ from shoal.api.asgi import (
     error_for,
     json_response,
 )
+from shoal.api.cors import CorsPolicy
+from shoal.api.dashboard import DashboardView, add_dashboard_routes
+from shoal.api.embeddings import create_embedding
+from shoal.api.metrics import metric_prefixes
 from shoal.api.openapi import build_openapi
+from shoal.api.process_metrics import render_process_metrics
 from shoal.api.protocol import (
     DetokenizeRequest,
     ModelCard,
@@ -39,6 +45,7 @@ from shoal.api.protocol import (
     TokenizeRequest,
     now_s,
 )
+from shoal.api.responses import create_response
 from shoal.api.routes import (
     ServingContext,
     create_chat_completion,
@@ -58,7 +65,13 @@ def build_app(
     """The ASGI app with every route; `/v1/*` needs `Authorization: Bearer <api_key>` when
     `config.api_key` is set; the generation routes hold an `admission` place while they run;
     bodies over `config.max_request_body_bytes` get 413."""
-    app = App(admission, config.max_request_body_bytes)
+    cors = CorsPolicy(
+        config.allowed_origins,
+        config.allowed_methods,
+        config.allowed_headers,
+        config.allow_credentials,
+    )
+    app = App(admission, config.max_request_body_bytes, cors, config.access_log)
     guard = _api_key_guard(config.api_key) if config.api_key else None
 
     def v1(
@@ -71,11 +84,18 @@ def build_app(
     for path, handler in (
         ("/v1/completions", create_completion),
         ("/v1/chat/completions", create_chat_completion),
+        ("/v1/responses", create_response),
+        ("/v1/embeddings", create_embedding),
     ):
         app.route("POST", path, v1(handler), watch_disconnect=True, admit=True, guard=guard)
     app.route("GET", "/v1/models", v1(list_models), guard=guard)
+    app.route("GET", "/v1/models/", v1(retrieve_model), guard=guard, prefix=True)
     app.route("GET", "/health", functools.partial(health, ctx))
     app.route("GET", "/metrics", functools.partial(metrics_route, ctx, admission))
+    view = DashboardView(
+        ctx.engine.metrics, ctx.model_name, admission, lambda: ctx.engine.client.down
+    )
+    add_dashboard_routes(app, view, config.api_key)
     app.route("GET", "/version", version)
     openapi = Response(msgspec.json.encode(build_openapi(api_key=bool(config.api_key))))
     app.route("GET", "/openapi.json", functools.partial(_constant, openapi))
@@ -127,15 +147,27 @@ def _api_key_guard(api_key: str) -> Callable[[Request], None]:
     return check
 
 
-async def list_models(ctx: ServingContext, request: Request) -> Response:
-    card = ModelCard(
+def _model_card(ctx: ServingContext) -> ModelCard:
+    return ModelCard(
         ctx.model_name, now_s(), ctx.engine.max_model_len, root=ctx.tokenizer.name_or_path or None
     )
-    return json_response(ModelList([card]))
+
+
+async def list_models(ctx: ServingContext, request: Request) -> Response:
+    return json_response(ModelList([_model_card(ctx)]))
+
+
+async def retrieve_model(ctx: ServingContext, request: Request) -> Response:
+    """`GET /v1/models/{id}`: the served model's card; 404 naming `model` for another id
+    (the id may hold slashes, as Hugging Face names do)."""
+    model_id = urllib.parse.unquote(request.path.removeprefix("/v1/models/"))
+    if model_id != ctx.model_name:
+        raise HTTPError(404, f"The model `{model_id}` does not exist.", "model")
+    return json_response(_model_card(ctx))
 
 
 async def health(ctx: ServingContext, request: Request) -> Response:
-    """200 (empty) while every engine is alive; 503 (with the reason) once one died. With
+    """200 (no body, no Content-Type) while every engine is alive; 503 (with the reason) once one died. With
     --restart-dead-engines: 200 with `{"status": "degraded", "engines_down": {k: reason}}`
     while some engines restart and another serves; 503 + Retry-After while none can."""
     reason = ctx.engine.dead_reason
@@ -149,7 +181,7 @@ async def health(ctx: ServingContext, request: Request) -> Response:
     if down:
         engines_down = {str(k): down[k] for k in sorted(down)}
         return json_response({"status": "degraded", "engines_down": engines_down})
-    return Response(b"", 200)
+    return Response(b"", 200, content_type=b"")  # no body, so no JSON label
 
 
 async def debug_kv_cache(ctx: ServingContext, request: Request) -> Response:
@@ -189,9 +221,14 @@ async def metrics_route(
     ctx: ServingContext, admission: AdmissionControl | None, request: Request
 ) -> Response:
     """Prometheus text; every API server of the run answers with the same figures (see
-    shoal.api.metrics). `x-shoal-server` names the one that answered."""
-    text = ctx.engine.metrics.render(ctx.model_name)
-    text += _admission_metrics(admission, ctx.model_name)
+    shoal.api.metrics). `x-shoal-server` names the one that answered. `?prefix=vllm` or
+    `?prefix=shoal`: only that set of names (400 naming `prefix` for another value)."""
+    prefixes = metric_prefixes(request.scope.get("query_string", b""))
+    cache_config = [(e.block_size, e.num_blocks) for e in ctx.engine.client.engines]
+    text = ctx.engine.metrics.render(ctx.model_name, cache_config, prefixes)
+    if "shoal:" in prefixes:
+        text += _admission_metrics(admission, ctx.model_name)
+    text += render_process_metrics()
     role = f"ApiServer_{ctx.engine.client.client_index}".encode()
     return Response(
         text.encode(),

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 
+from shoal.api.access_log import header, log_access, status_recorder
 from shoal.api.admission import RETRY_AFTER_S, AdmissionControl
+from shoal.api.cors import CorsPolicy
 from shoal.api.protocol import ErrorInfo, ErrorResponse, validation_param
 from shoal.engine.client import EngineDeadError, ServerShuttingDownError
 from shoal.logger import init_logger
@@ -120,7 +123,7 @@ class Request:
 
 
 class Response:
-    """A complete response."""
+    """A complete response (`content_type` empty: no Content-Type header, for no body)."""
 
     def __init__(
         self,
@@ -130,7 +133,8 @@ class Response:
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.body, self.status = body, status
-        self.headers = [(b"content-type", content_type), *(headers or [])]
+        self.headers = [(b"content-type", content_type)] if content_type else []
+        self.headers += headers or []
 
     async def send(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
@@ -146,16 +150,19 @@ def json_response(
 class StreamingResponse:
     """Server-sent events: each item of `events` is one encoded `data:` payload, or with
     `framed` one or more complete events (`data: ...\n\n` each, written at once). An error
-    after the headers went out is sent as a final `data: {"error": ...}` event."""
+    after the headers went out is sent as a final `data: {"error": ...}` event. `done`: end
+    with `data: [DONE]` (the Chat and Completions APIs; the Responses API does not)."""
 
     def __init__(
         self,
         events: AsyncIterator[bytes],
         headers: list[tuple[bytes, bytes]] | None = None,
         framed: bool = False,
+        done: bool = True,
     ) -> None:
         self.events = events
         self.framed = framed
+        self.done = done
         self.headers = [
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache"),
@@ -186,7 +193,9 @@ class StreamingResponse:
                     "more_body": True,
                 }
             )
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        await send(
+            {"type": "http.response.body", "body": b"data: [DONE]\n\n" if self.done else b""}
+        )
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
@@ -198,9 +207,19 @@ class App:
     """The ASGI callable: `(method, path) -> handler`, plus lifespan hooks."""
 
     def __init__(
-        self, admission: AdmissionControl | None = None, max_body_bytes: int = MAX_BODY_BYTES
+        self,
+        admission: AdmissionControl | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        cors: CorsPolicy | None = None,
+        access_log: bool = False,
     ) -> None:
+        """`cors`: answer preflights and label cross-origin responses (None: no CORS).
+        `access_log`: one INFO line per request (client, method, path, status, time)."""
         self.routes: dict[tuple[str, str], Handler] = {}
+        # (method, path prefix) -> handler, for paths with a parameter (/v1/models/{id}).
+        self._prefixes: dict[tuple[str, str], Handler] = {}
+        self.cors = cors
+        self.access_log = access_log
         self._watched: set[tuple[str, str]] = set()
         self._admitted: set[tuple[str, str]] = set()
         self._guards: dict[tuple[str, str], Guard] = {}
@@ -216,12 +235,17 @@ class App:
         watch_disconnect: bool = False,
         admit: bool = False,
         guard: Guard | None = None,
+        prefix: bool = False,
     ) -> None:
         """Serve `method path` with `handler`. `watch_disconnect`: cancel the handler when
         the client goes away (generation routes; quick routes skip the watcher's cost).
         `admit`: the request holds an admission place until its response is done.
-        `guard`: a check run first (HTTPError refuses the request)."""
-        self.routes[(method, path)] = handler
+        `guard`: a check run first (HTTPError refuses the request). `prefix`: `path` ends
+        with "/" and the route serves every longer path under it (exact routes win)."""
+        if prefix:
+            self._prefixes[(method, path)] = handler
+        else:
+            self.routes[(method, path)] = handler
         if watch_disconnect:
             self._watched.add((method, path))
         if admit:
@@ -248,9 +272,43 @@ class App:
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get((scope["method"], scope["path"]))
-        if handler is None:
-            known = any(path == scope["path"] for _, path in self.routes)
+        """CORS and the access log around `_serve`."""
+        start = time.monotonic()
+        status: list[int] = []
+        if self.access_log:
+            send = status_recorder(send, status)
+        origin = header(scope, b"origin")
+        if self.cors is not None and origin is not None:
+            if scope["method"] == "OPTIONS" and header(scope, b"access-control-request-method"):
+                code, headers = self.cors.preflight(origin, Request(scope, b"").headers)
+                body = b"OK" if code == 200 else b"Disallowed CORS request"
+                await Response(body, code, b"text/plain; charset=utf-8", headers).send(send)
+                if self.access_log:
+                    log_access(scope, status, start)
+                return
+            send = self.cors.wrap(send, origin)
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            if self.access_log:
+                log_access(scope, status, start)
+
+    def _lookup(self, method: str, path: str) -> tuple[tuple[str, str], Handler] | None:
+        handler = self.routes.get((method, path))
+        if handler is not None:
+            return (method, path), handler
+        for (m, prefix), handler in self._prefixes.items():
+            if m == method and path.startswith(prefix) and len(path) > len(prefix):
+                return (m, prefix), handler
+        return None
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self._lookup(scope["method"], scope["path"])
+        if found is None:
+            path = scope["path"]
+            known = any(p == path for _, p in self.routes) or any(
+                path.startswith(p) and len(path) > len(p) for _, p in self._prefixes
+            )
             status = 405 if known else 404
             message = (
                 f"method {scope['method']} is not allowed on {scope['path']}"
@@ -259,7 +317,7 @@ class App:
             )
             await Response(error_body(status, message), status).send(send)
             return
-        key = (scope["method"], scope["path"])
+        key, handler = found
         guard = self._guards.get(key)
         try:
             if guard is not None:

@@ -19,21 +19,23 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import Any
 
-from shoal.api.metrics import HISTOGRAMS, MetricsStore
+import msgspec
+
+from shoal.api.metrics import MetricsStore
+from shoal.api.request_metrics import RequestRecorder
 from shoal.engine.client import EngineClient, EngineDeadError, ServerShuttingDownError
 from shoal.logger import init_logger
 from shoal.processing.output_processor import OutputProcessor
 from shoal.processing.outputs import RequestOutput, RequestOutputKind
 from shoal.processing.processor import InputProcessor, ProcessedRequest, PromptType
 from shoal.processing.tokenizer import Tokenizer
-from shoal.protocol import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from shoal.protocol import EngineCoreOutputs, SchedulerStats
+from shoal.runtime.tensor_queue import release as release_segment
 from shoal.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
-
-_TTFT, _ITL, _E2E = HISTOGRAMS
 
 
 class _Stream:
@@ -61,16 +63,6 @@ class _Stream:
         return self.items.popleft()
 
 
-@dataclass
-class _Timing:
-    """Latency bookkeeping of one engine request (one sequence)."""
-
-    arrival_s: float  # monotonic
-    num_prompt_tokens: int
-    last_output_s: float = 0.0
-    has_output: bool = False
-
-
 class AsyncEngine:
     """What the HTTP routes call: `process`, `generate`, `is_dead`."""
 
@@ -90,12 +82,15 @@ class AsyncEngine:
         self.processor = InputProcessor(tokenizer, self.max_model_len, client.vocab_size)
         self.output_processor = OutputProcessor(tokenizer, stream_interval)
         self._streams: dict[str, _Stream] = {}
-        self._timings: dict[str, _Timing] = {}
+        # Request metrics (latencies, lengths, finish reasons) while requests run.
+        self.recorder = RequestRecorder(metrics)
         # request id -> (engine, its engine request ids), while it runs.
         self._placement: dict[str, tuple[int, list[str]]] = {}
         self._background: set[asyncio.Task[None]] = set()
         # Set once the drain deadline passed (`end_in_flight`): why no request is served now.
         self._shutdown_reason: str | None = None
+        # The run's `TensorQueue` (--enable-prompt-embeds), else None: prompt_embeds refused.
+        self.tensor_queue: Any | None = None
         client.start(self._on_outputs, self._on_dead, self._on_engine_down)
 
     @property
@@ -126,6 +121,20 @@ class AsyncEngine:
             add_special_tokens=add_special_tokens,
         )
 
+    def process_embeds(
+        self, request_id: str, prompt_embeds: Any, params: SamplingParams
+    ) -> ProcessedRequest:
+        """As `process`, for a prompt given as input embeddings (a [tokens, hidden] tensor,
+        already checked by shoal.api.prompt_embeds): placeholder token ids count its
+        positions; `generate` sends the tensor on the tensor queue."""
+        placeholders = [0] * int(prompt_embeds.shape[0])
+        processed = self.process(request_id, placeholders, params)
+        processed.engine_requests = [
+            msgspec.structs.replace(r, has_prompt_embeds=True) for r in processed.engine_requests
+        ]
+        processed.prompt_embeds = prompt_embeds
+        return processed
+
     async def generate(
         self,
         request: ProcessedRequest,
@@ -142,15 +151,20 @@ class AsyncEngine:
         stream = _Stream()
         self._streams[request_id] = stream
         now = time.monotonic()
-        for engine_request in request.engine_requests:
-            self._timings[engine_request.request_id] = _Timing(now, len(request.prompt_token_ids))
-        self.metrics.inc("requests_received_total")
+        self.metrics.inc_received()
         finished = False
         try:
             engine = self.client.pick_engine()
+            self.recorder.start(request, engine, now)
             engine_ids = [r.request_id for r in request.engine_requests]
             self._placement[request_id] = (engine, engine_ids)
-            await self.client.add_requests(engine, request.engine_requests)
+            segments = self._put_tensors(engine, request)
+            try:
+                await self.client.add_requests(engine, request.engine_requests)
+            except BaseException:
+                for segment in segments:  # never sent: the engine will not read them
+                    release_segment(segment)
+                raise
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -165,12 +179,28 @@ class AsyncEngine:
             if not finished:
                 await self._abort(request_id)
 
+    def _put_tensors(self, engine: int, request: ProcessedRequest) -> list[str]:
+        """Queue the request's prompt embeddings for `engine`, one copy per engine request
+        (ahead of the requests themselves). Returns the shared-memory segments."""
+        if request.prompt_embeds is None:
+            return []
+        if self.tensor_queue is None:
+            raise ValueError(
+                "prompt_embeds: not enabled (start the server with --enable-prompt-embeds)"
+            )
+        segments: list[str] = []
+        try:
+            for r in request.engine_requests:
+                segments.append(self.tensor_queue.put(engine, r.request_id, request.prompt_embeds))
+        except BaseException:
+            for segment in segments:
+                release_segment(segment)
+            raise
+        return segments
+
     async def _abort(self, request_id: str) -> None:
         engine_ids = self.output_processor.abort_requests([request_id])
-        for engine_id in engine_ids:
-            timing = self._timings.pop(engine_id, None)
-            if timing is not None:
-                self.metrics.inc("request_success_total:abort")
+        self.recorder.abort(engine_ids, time.monotonic())
         if engine_ids:
             # Shielded: this runs while the handler is being cancelled (disconnect).
             await asyncio.shield(self.client.abort_requests(engine_ids))
@@ -212,11 +242,7 @@ class AsyncEngine:
                 outputs.engine_index, outputs.timestamp, outputs.scheduler_stats
             )
         now = time.monotonic()
-        num_generated = 0
-        for output in outputs.outputs:
-            num_generated += self._record(output, now)
-        if num_generated:
-            self.metrics.inc("generation_tokens_total", num_generated)
+        self.recorder.on_outputs(outputs, now)
         request_outputs, to_abort = self.output_processor.process_outputs(outputs.outputs)
         for request_output in request_outputs:
             stream = self._streams.get(request_output.request_id)
@@ -225,43 +251,17 @@ class AsyncEngine:
         if to_abort:
             # Stop strings matched here: the engine still runs those sequences.
             for engine_id in to_abort:
-                self._finish_timing(engine_id, "stop", now)
+                self.recorder.finish(engine_id, "stop", now)
             task = asyncio.get_running_loop().create_task(self.client.abort_requests(to_abort))
             # The loop holds tasks weakly: keep it until it is done.
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    def _record(self, output: EngineCoreOutput, now: float) -> int:
-        """Latency metrics of one output; returns how many generated tokens it carries (the
-        caller adds them to `generation_tokens_total` once per message)."""
-        timing = self._timings.get(output.request_id)
-        if timing is None:
-            return 0
-        num_generated = len(output.new_token_ids)
-        if num_generated:
-            if not timing.has_output:
-                timing.has_output = True
-                self.metrics.observe(_TTFT, now - timing.arrival_s)
-                self.metrics.inc("prompt_tokens_total", timing.num_prompt_tokens)
-            else:
-                self.metrics.observe(_ITL, now - timing.last_output_s)
-            timing.last_output_s = now
-        if output.finish_reason is not None:
-            self._finish_timing(output.request_id, str(output.finish_reason), now)
-        return num_generated
-
-    def _finish_timing(self, engine_id: str, reason: str, now: float) -> None:
-        timing = self._timings.pop(engine_id, None)
-        if timing is not None:
-            self.metrics.observe(_E2E, now - timing.arrival_s)
-            self.metrics.inc(f"request_success_total:{reason}")
-
     def _on_dead(self, reason: str) -> None:
         error = EngineDeadError(f"{reason}; the server cannot complete requests")
         self.output_processor.abort_requests(list(self._streams))
-        for _ in self._timings:
-            self.metrics.inc("request_success_total:error")
-        self._timings.clear()
+        self.recorder.fail_all(time.monotonic())
+        self.metrics.note_error("engine dead", reason)
         for stream in self._streams.values():
             stream.put(error)
 
@@ -272,14 +272,13 @@ class AsyncEngine:
         num_blocks = self.client.engines[engine].num_blocks
         idle = SchedulerStats(num_blocks_total=num_blocks, num_blocks_free=num_blocks)
         self.metrics.set_engine_stats(engine, time.time(), idle)
+        self.metrics.note_error(f"engine {engine} down", reason)
         error = EngineDeadError(f"{reason}; retry the request")
         for request_id, (k, engine_ids) in list(self._placement.items()):
             if k != engine:
                 continue
             self.output_processor.abort_requests([request_id])
-            for engine_id in engine_ids:
-                if self._timings.pop(engine_id, None) is not None:
-                    self.metrics.inc("request_success_total:error")
+            self.recorder.fail(engine_ids, time.monotonic())
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.put(error)

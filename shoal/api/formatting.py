@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -16,6 +17,7 @@ from shoal.api.protocol import (
 )
 from shoal.processing.outputs import CompletionOutput, Logprob, RequestOutput
 from shoal.processing.tokenizer import Tokenizer
+from shoal.structured.params import GRAMMAR_ERROR_PREFIX
 
 T = TypeVar("T")
 
@@ -25,8 +27,12 @@ class EngineRequestError(RuntimeError):
 
 
 def check_finish(output: CompletionOutput) -> None:
-    """Raise for a sequence the engine failed (the route turns it into a 500)."""
+    """Raise for a sequence the engine failed (the route turns it into a 500), or whose
+    grammar did not compile (`ValueError`: a 400 naming the field)."""
     if output.finish_reason == "error":
+        reason = output.stop_reason
+        if isinstance(reason, str) and reason.startswith(GRAMMAR_ERROR_PREFIX):
+            raise ValueError(reason[len(GRAMMAR_ERROR_PREFIX) :])
         raise EngineRequestError("the engine failed this request")
 
 
@@ -83,6 +89,68 @@ def _top(position: dict[int, Logprob], num_top: int) -> list[tuple[int, Logprob]
     ]
     ranked.sort(key=lambda item: item[1].rank or 0)
     return ranked[:num_top]
+
+
+def prompt_completion_logprobs(
+    result: RequestOutput, num_top: int, tokenizer: Tokenizer
+) -> CompletionLogprobs:
+    """Completions logprobs of the prompt tokens (echo with logprobs): the first token has
+    none (`null`), as in OpenAI's answer; `text_offset` counts from 0."""
+    logprobs = CompletionLogprobs([], [], [], [])
+    offset = 0
+    for token_id, position in zip(
+        result.prompt_token_ids, result.prompt_logprobs or [], strict=False
+    ):
+        token = tokenizer.token_text(token_id)
+        logprobs.tokens.append(token)
+        logprobs.text_offset.append(offset)
+        offset += len(token)
+        if position is None:
+            logprobs.token_logprobs.append(None)
+            logprobs.top_logprobs.append(None)
+            continue
+        logprobs.token_logprobs.append(position[token_id].logprob)
+        top = {lp.decoded_token or "": lp.logprob for _, lp in _top(position, num_top)}
+        logprobs.top_logprobs.append(top if num_top > 0 else None)
+    return logprobs
+
+
+def join_logprobs(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        first.text_offset + then.text_offset,
+        first.token_logprobs + then.token_logprobs,
+        first.tokens + then.tokens,
+        first.top_logprobs + then.top_logprobs,
+    )
+
+
+def vllm_prompt_logprobs(result: RequestOutput) -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs` shape: per prompt token None or
+    `{"<token id>": {"logprob", "rank", "decoded_token"}}`."""
+    if result.prompt_logprobs is None:
+        return None
+    return [
+        None
+        if position is None
+        else {
+            str(token_id): {
+                "logprob": lp.logprob,
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
+            for token_id, lp in position.items()
+        }
+        for position in result.prompt_logprobs
+    ]
+
+
+def best_outputs(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    """`best_of`: the `n` sequences with the highest cumulative logprob (ties: the lower
+    index), renumbered 0..n-1 in that order."""
+    if len(outputs) <= n:
+        return outputs
+    ranked = sorted(outputs, key=lambda o: (-(o.cumulative_logprob or 0.0), o.index))[:n]
+    return [dataclasses.replace(o, index=i) for i, o in enumerate(ranked)]
 
 
 def usage_of(results: Sequence[RequestOutput]) -> UsageInfo:

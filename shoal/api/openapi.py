@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 import shoal
+from shoal.api.embeddings import EmbeddingRequest, EmbeddingResponse
 from shoal.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -19,9 +20,11 @@ from shoal.api.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     ErrorResponse,
+    ModelCard,
     ModelList,
     TokenizeRequest,
 )
+from shoal.api.responses import ResponsesRequest
 
 _REF = "#/components/schemas/{name}"
 _SCHEMA_TYPES = (
@@ -33,6 +36,10 @@ _SCHEMA_TYPES = (
     ChatCompletionResponse,
     ModelList,
     ErrorResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ResponsesRequest,
 )
 
 # (method, path, summary, request Struct, success Struct, error statuses, needs the API key)
@@ -55,7 +62,26 @@ _ROUTES: tuple[tuple[str, str, str, type | None, type | None, tuple[int, ...], b
         (400, 401, 404, 413, 503),
         True,
     ),
+    (
+        "post",
+        "/v1/embeddings",
+        "Embeddings of texts or token ids (pooled final hidden states, L2-normalized)",
+        EmbeddingRequest,
+        EmbeddingResponse,
+        (400, 401, 404, 413, 503),
+        True,
+    ),
+    (
+        "post",
+        "/v1/responses",
+        "OpenAI's Responses API, text only (stream: true answers with its events)",
+        ResponsesRequest,
+        None,
+        (400, 401, 404, 413, 503),
+        True,
+    ),
     ("get", "/v1/models", "The served model", None, ModelList, (401,), True),
+    ("get", "/v1/models/{model}", "One model's card", None, ModelCard, (401, 404), True),
     (
         "get",
         "/health",

@@ -10,6 +10,8 @@ from typing import Any
 import msgspec
 
 from shoal.sampling_params import SamplingParams
+from shoal.structured.params import StructuredOutputsParams
+from shoal.structured.requests import structured_params
 
 # Bounds on the work one HTTP request may ask for: every sequence becomes an engine request,
 # so an unbounded `n` or prompt batch lets one small body exhaust an API server's memory.
@@ -51,17 +53,33 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs
+    # (shoal.structured.requests checks them; docs/structured-outputs.md).
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """`ValueError` naming the field for unsupported or out-of-range values."""
-        _reject_unsupported(self)
+        """`ValueError` naming the field for unsupported or out-of-range values. With
+        `best_of` > n, `n` is `best_of` (the route keeps the n best) and logprobs are on (at
+        least 0), for the cumulative logprob that ranks the sequences."""
         if self.n > MAX_N:
             raise ValueError(f"n: must be at most {MAX_N}, got {self.n}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+        num_sequences = self.num_sequences
+        if num_sequences > self.n and logprobs is None:
+            logprobs = 0
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            n=self.n,
+            n=num_sequences,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
@@ -75,6 +93,43 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=(
+                1.0 if self.repetition_penalty is None else self.repetition_penalty
+            ),
+            logit_bias=_logit_bias(self.logit_bias),
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=list(self.bad_words or []),
+            structured_outputs=self.structured_outputs_params(),
+        )
+
+    @property
+    def num_sequences(self) -> int:
+        """How many sequences to generate: `best_of` when set (at least n), else n.
+        `ValueError` naming `best_of`."""
+        best_of = self.best_of
+        if best_of is None or best_of == self.n:
+            return self.n
+        if best_of < self.n:
+            raise ValueError(f"best_of: must be at least n ({self.n}), got {best_of}")
+        if best_of > MAX_N:
+            raise ValueError(f"best_of: must be at most {MAX_N}, got {best_of}")
+        if self.stream:
+            raise ValueError("best_of: cannot be used with stream (the best are known last)")
+        return best_of
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The output constraint of the structured-output fields; `ValueError` naming one."""
+        return structured_params(
+            response_format=self.response_format,
+            guided_json=self.guided_json,
+            guided_regex=self.guided_regex,
+            guided_choice=self.guided_choice,
+            guided_grammar=self.guided_grammar,
+            guided_decoding_backend=self.guided_decoding_backend,
+            guided_whitespace_pattern=self.guided_whitespace_pattern,
+            structured_outputs=self.structured_outputs,
         )
 
     @property
@@ -82,33 +137,43 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-def _reject_unsupported(req: _SamplingFields) -> None:
-    # The engine has no penalties or logit bias: reject rather than silently ignore.
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if value not in (None, 0, 0.0):
-            raise ValueError(f"{name}: not supported (only 0)")
-    if req.repetition_penalty not in (None, 1, 1.0):
-        raise ValueError("repetition_penalty: not supported (only 1)")
-    if req.logit_bias:
-        raise ValueError("logit_bias: not supported")
-    if req.best_of is not None and req.best_of != req.n:
-        raise ValueError("best_of: not supported (must equal n)")
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's `{"token id": bias}` with integer keys; `ValueError` naming `logit_bias`."""
+    if not bias:
+        return None
+    converted = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise ValueError(f"logit_bias: key {key!r} is not a token id") from None
+        converted[token_id] = float(value)
+    return converted
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     # A string, a list of strings, a list of token ids or a list of token-id lists; checked
-    # in `prompts()` (msgspec unions cannot hold two list types).
-    prompt: str | list[Any]
+    # in `prompts()` (msgspec unions cannot hold two list types). Optional only when
+    # `prompt_embeds` is given.
+    prompt: str | list[Any] | None = None
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
+    # vLLM's: logprobs of the prompt tokens (top alternatives per position).
+    prompt_logprobs: int | None = None
+    # vLLM's: prompts as input embeddings, each base64 of `torch.save` of a [tokens, hidden]
+    # tensor (--enable-prompt-embeds; shoal.api.prompt_embeds).
+    prompt_embeds: str | list[str] | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of a (possibly batched) request; `ValueError` naming `prompt`."""
         p = self.prompt
+        if p is None:
+            if self.prompt_embeds is None:
+                raise ValueError("prompt: required (or prompt_embeds)")
+            return []
         if isinstance(p, str):
             return [p]
         if not p:
@@ -130,9 +195,23 @@ class CompletionRequest(_SamplingFields, kw_only=True):
         )
 
     def to_sampling_params(self) -> SamplingParams:
+        """With `echo` and `logprobs`, the prompt's logprobs too (OpenAI's prompt scoring);
+        `max_tokens` 0 only where there is a prompt to return (`echo`, `prompt_logprobs`)."""
         if self.suffix:
             raise ValueError("suffix: not supported")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        if self.max_tokens == 0 and not (self.echo or self.prompt_logprobs is not None):
+            raise ValueError("max_tokens: must be at least 1 (0 only with echo or prompt_logprobs)")
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        num_prompt = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            num_prompt = max(num_prompt or 0, self.logprobs)
+        if num_prompt is not None:
+            params = msgspec.structs.replace(params, prompt_logprobs=num_prompt)
+        return params
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
 
 
 def _is_token_id(x: Any) -> bool:
@@ -159,19 +238,17 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
+    prompt_logprobs: int | None = None
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
+        """Tools are the route's (`plan_tools`: the server's flags decide `auto`)."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
@@ -187,8 +264,18 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
         max_tokens = self.max_completion_tokens
         if max_tokens is None:
             max_tokens = self.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            field = (
+                "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            )
+            raise ValueError(f"{field}: must be at least 1")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        params = self._sampling_params(max_tokens, logprobs)
+        if self.prompt_logprobs is not None:
+            if self.stream:  # as vLLM: the chat stream has no place for them
+                raise ValueError("prompt_logprobs: not available with stream")
+            params = msgspec.structs.replace(params, prompt_logprobs=self.prompt_logprobs)
+        return params
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -229,6 +316,13 @@ class CompletionChoice(msgspec.Struct):
     stop_reason: int | str | None = None
 
 
+class ScoredCompletionChoice(CompletionChoice):
+    """A choice of a request with vLLM's `prompt_logprobs`: per prompt token None (the
+    first) or `{"<token id>": {"logprob", "rank", "decoded_token"}}`."""
+
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+
+
 class CompletionResponse(msgspec.Struct):
     id: str
     created: int
@@ -255,9 +349,21 @@ class ChatLogprobs(msgspec.Struct):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallItem(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct):
     role: str
     content: str | None = None
+    tool_calls: list[ToolCallItem] = []
 
 
 class ChatChoice(msgspec.Struct):
@@ -277,9 +383,32 @@ class ChatCompletionResponse(msgspec.Struct):
     object: str = "chat.completion"
 
 
+class ScoredChatCompletionResponse(ChatCompletionResponse):
+    """A chat completion with vLLM's `prompt_logprobs` (the shape of
+    `ScoredCompletionChoice.prompt_logprobs`), for the whole rendered prompt."""
+
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+
+
+class DeltaFunctionCall(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(msgspec.Struct, omit_defaults=True):
+    """OpenAI's streamed tool call: the first delta of call `index` has its id, type and
+    name; later ones add to `function.arguments`."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(msgspec.Struct):

@@ -15,13 +15,18 @@ from shoal.api.asgi import HTTPError, Request, Response, StreamingResponse, json
 from shoal.api.async_engine import AsyncEngine
 from shoal.api.formatting import (
     EngineRequestError,
+    best_outputs,
     chat_logprobs,
     check_finish,
     completion_logprobs,
     gather_or_cancel,
+    join_logprobs,
     merge,
+    prompt_completion_logprobs,
     usage_of,
+    vllm_prompt_logprobs,
 )
+from shoal.api.prompt_embeds import embeds_requests
 from shoal.api.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -30,16 +35,21 @@ from shoal.api.protocol import (
     ChatMessage,
     ChatStreamChoice,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ScoredChatCompletionResponse,
+    ScoredCompletionChoice,
     UsageInfo,
     now_s,
     random_id,
 )
-from shoal.processing.outputs import RequestOutput, RequestOutputKind
+from shoal.api.tool_calls import assistant_message, tool_chat_events
+from shoal.processing.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from shoal.processing.processor import ProcessedRequest
 from shoal.processing.tokenizer import Tokenizer
+from shoal.structured.tool_choice import plan_tools, with_tool_constraint
 
 _encode = msgspec.json.Encoder().encode
 
@@ -51,6 +61,8 @@ class ServingContext:
     engine: AsyncEngine
     tokenizer: Tokenizer
     model_name: str
+    # `--tool-call-parser` when `--enable-auto-tool-choice` is on (tool_choice "auto").
+    tool_parser: str | None = None
 
     def check_model(self, model: str | None) -> None:
         """404 for a model this server does not serve (None = the served one)."""
@@ -95,8 +107,6 @@ async def create_completion(ctx: ServingContext, request: Request) -> Response |
     body: CompletionRequest = request.json(CompletionRequest)
     ctx.check_model(body.model)
     params = body.to_sampling_params()
-    if body.echo and body.logprobs is not None:
-        raise ValueError("echo: prompt logprobs (echo together with logprobs) are not supported")
     ids = _request_ids(request, "cmpl")
     processed = [
         ctx.engine.process(
@@ -104,6 +114,7 @@ async def create_completion(ctx: ServingContext, request: Request) -> Response |
         )
         for i, prompt in enumerate(body.prompts())
     ]
+    processed += embeds_requests(ctx.engine, body, ids.internal, params, len(processed))
     echoes = [_prompt_text(ctx.tokenizer, p) if body.echo else "" for p in processed]
     if body.stream:
         events = _completion_events(ctx, body, ids.public, processed, echoes)
@@ -111,21 +122,46 @@ async def create_completion(ctx: ServingContext, request: Request) -> Response |
     results = await gather_or_cancel([_final(ctx.engine, p) for p in processed])
     choices = []
     for i, result in enumerate(results):
-        for output in result.outputs:
+        for output in best_outputs(result.outputs, body.n):
             logprobs = None
             if body.logprobs is not None:
                 logprobs, _ = completion_logprobs(output, body.logprobs, len(echoes[i]))
+                if body.echo:
+                    prompt = prompt_completion_logprobs(result, body.logprobs, ctx.tokenizer)
+                    logprobs = join_logprobs(prompt, logprobs)
             choices.append(
-                CompletionChoice(
-                    i * params.n + output.index,
+                _completion_choice(
+                    body,
+                    result,
+                    i * body.n + output.index,
                     echoes[i] + output.text,
                     logprobs,
-                    output.finish_reason,
-                    output.stop_reason,
+                    output,
                 )
             )
     response = CompletionResponse(ids.public, now_s(), ctx.model_name, choices, usage_of(results))
     return json_response(response, headers=ids.headers)
+
+
+def _completion_choice(
+    body: CompletionRequest,
+    result: RequestOutput,
+    index: int,
+    text: str,
+    logprobs: CompletionLogprobs | None,
+    output: CompletionOutput,
+) -> CompletionChoice:
+    """A choice, with vLLM's `prompt_logprobs` when the request asked for them."""
+    if body.prompt_logprobs is None:
+        return CompletionChoice(index, text, logprobs, output.finish_reason, output.stop_reason)
+    return ScoredCompletionChoice(
+        index,
+        text,
+        logprobs,
+        output.finish_reason,
+        output.stop_reason,
+        vllm_prompt_logprobs(result),
+    )
 
 
 def _prompt_text(tokenizer: Tokenizer, request: ProcessedRequest) -> str:
@@ -181,20 +217,27 @@ async def _completion_events(
                 choice = CompletionChoice(index, text)
                 parts.append(_frame(CompletionResponse(request_id, created, model, [choice])))
                 continue
-            if index not in offsets:
+            is_first = index not in offsets
+            if is_first:
                 text, offsets[index] = echoes[i] + text, len(echoes[i])
             logprobs = None
             if want_logprobs:
                 logprobs, offsets[index] = completion_logprobs(
                     output, body.logprobs or 0, offsets[index]
                 )
+                if is_first and body.echo:
+                    prompt = prompt_completion_logprobs(result, body.logprobs or 0, ctx.tokenizer)
+                    logprobs = join_logprobs(prompt, logprobs)
             elif text:
                 offsets[index] += len(text)
             if not text and output.finish_reason is None and not output.token_ids:
                 continue
-            choice = CompletionChoice(
-                index, text, logprobs, output.finish_reason, output.stop_reason
-            )
+            if is_first:
+                choice = _completion_choice(body, result, index, text, logprobs, output)
+            else:
+                choice = CompletionChoice(
+                    index, text, logprobs, output.finish_reason, output.stop_reason
+                )
             parts.append(_frame(CompletionResponse(request_id, created, model, [choice])))
         return b"".join(parts)
 
@@ -271,12 +314,22 @@ async def create_chat_completion(
     params = body.to_sampling_params()
     if body.continue_final_message:
         raise ValueError("continue_final_message: not supported")
+    plan = plan_tools(
+        body.tools,
+        body.tool_choice,
+        body.parallel_tool_calls,
+        auto_enabled=ctx.tool_parser is not None,
+    )
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if plan is not None:
+        template_kwargs["tools"] = plan.tools
+        params = with_tool_constraint(params, plan)
     try:
         prompt = ctx.tokenizer.apply_chat_template(
             body.messages,
             add_generation_prompt=body.add_generation_prompt,
             chat_template=body.chat_template,
-            **(body.chat_template_kwargs or {}),
+            **template_kwargs,
         )
     except jinja2.TemplateError as e:
         raise HTTPError(400, f"the chat template rejected the messages: {e}", "messages") from e
@@ -285,23 +338,37 @@ async def create_chat_completion(
         ids.internal, prompt, params, add_special_tokens=body.add_special_tokens
     )
     num_top = body.top_logprobs or 0
+    parses_tools = plan is not None and plan.mode != "none"
     if body.stream:
-        events = _chat_events(ctx, body, ids.public, processed)
+        if parses_tools:
+            assert plan is not None
+            events = tool_chat_events(ctx, body, ids.public, processed, plan)
+        else:
+            events = _chat_events(ctx, body, ids.public, processed)
         return StreamingResponse(events, ids.headers, framed=True)
     result = await _final(ctx.engine, processed)
-    choices = [
-        ChatChoice(
-            o.index,
-            ChatMessage("assistant", o.text),
-            chat_logprobs(o, num_top, ctx.tokenizer) if body.logprobs else None,
-            o.finish_reason,
-            o.stop_reason,
-        )
-        for o in result.outputs
-    ]
+    choices = []
+    for o in best_outputs(result.outputs, body.n):
+        message, finish_reason = ChatMessage("assistant", o.text), o.finish_reason
+        if parses_tools:
+            assert plan is not None
+            message, finish_reason = assistant_message(
+                o.text, o.finish_reason, plan, ctx.tool_parser
+            )
+        logprobs = chat_logprobs(o, num_top, ctx.tokenizer) if body.logprobs else None
+        choices.append(ChatChoice(o.index, message, logprobs, finish_reason, o.stop_reason))
     response = ChatCompletionResponse(
         ids.public, now_s(), ctx.model_name, choices, usage_of([result])
     )
+    if body.prompt_logprobs is not None:
+        response = ScoredChatCompletionResponse(
+            response.id,
+            response.created,
+            response.model,
+            response.choices,
+            response.usage,
+            prompt_logprobs=vllm_prompt_logprobs(result),
+        )
     return json_response(response, headers=ids.headers)
 
 
@@ -311,9 +378,14 @@ async def _chat_events(
     """Complete SSE frames, as `_completion_events`."""
     created, model = now_s(), ctx.model_name
     num_top = body.top_logprobs or 0
-    # The first chunk of every choice names the role (OpenAI's shape).
-    first = [ChatStreamChoice(i, DeltaMessage(role="assistant", content="")) for i in range(body.n)]
-    yield _frame(ChatCompletionChunk(request_id, created, model, first))
+    # The first chunk of every choice names the role; one choice per chunk (OpenAI's shape:
+    # clients that read choices[0] see every choice).
+    yield b"".join(
+        _frame(ChatCompletionChunk(request_id, created, model, [first]))
+        for first in (
+            ChatStreamChoice(i, DeltaMessage(role="assistant", content="")) for i in range(body.n)
+        )
+    )
     num_tokens = 0
     templates: dict[int, tuple[bytes, bytes] | None] = {}
     async with contextlib.aclosing(  # type: ignore[type-var]
@@ -353,7 +425,9 @@ async def _chat_events(
                     )
                 )
             if choices:
-                yield _frame(ChatCompletionChunk(request_id, created, model, choices))
+                yield b"".join(
+                    _frame(ChatCompletionChunk(request_id, created, model, [c])) for c in choices
+                )
     if body.include_usage:
         prompt = len(processed.prompt_token_ids)
         usage = UsageInfo(prompt, num_tokens, prompt + num_tokens)

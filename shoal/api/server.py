@@ -130,6 +130,8 @@ async def run_server_worker(
     server: _DrainingServer | None = None
     try:
         tokenizer = await asyncio.to_thread(Tokenizer.from_model, config.tokenizer or config.model)
+        if config.chat_template is not None:  # --chat-template replaces the tokenizer's
+            tokenizer.chat_template = config.chat_template
         if not await _unless_stopped(client.wait_for_engines(config.ready_timeout_s)):
             logger.info("shutdown requested during start-up")
             return
@@ -142,7 +144,10 @@ async def run_server_worker(
             int(client_config.get("client_count", 1)),
         )
         engine = AsyncEngine(client, tokenizer, metrics, config.stream_interval)
+        engine.tensor_queue = client_config.get("tensor_queue")
         ctx = ServingContext(engine, tokenizer, _served_model_name(config, client))
+        if config.enable_auto_tool_choice:
+            ctx.tool_parser = config.tool_call_parser
         app = build_app(ctx, config, admission)
         server = _DrainingServer(
             _uvicorn_config(app, config, uvicorn_kwargs), engine, config.shutdown_timeout_s

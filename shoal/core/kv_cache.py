@@ -174,7 +174,7 @@ class KVCacheManager:
         size = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else request.cache_salt
             hashes.append(hash_block_tokens(parent, tokens[i * size : (i + 1) * size]))
 
     def check_integrity(self, requests: dict[str, Request] | None = None) -> None:

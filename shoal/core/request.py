@@ -58,6 +58,24 @@ def check_token_ids_in_vocab(token_ids: list[int], vocab_size: int) -> None:
     )
 
 
+def check_control_ids_in_vocab(params: SamplingParams, vocab_size: int) -> None:
+    """`ValueError` naming the logits control (`logit_bias`, `allowed_token_ids`,
+    `bad_words`) that holds a token id outside `[0, vocab_size)`: the sampler indexes the
+    logits with them, and an id past the vocabulary would fail the whole step."""
+    for field, ids in (
+        ("logit_bias", list(params.logit_bias or ())),
+        ("allowed_token_ids", params.allowed_token_ids or []),
+        ("bad_words", [t for word in params.bad_words_token_ids for t in word]),
+    ):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"{field}: token id {bad} is outside the model's vocabulary (size {vocab_size})"
+            )
+    if any(not word for word in params.bad_words_token_ids):
+        raise ValueError("bad_words: an empty token sequence")
+
+
 class Request:
     """A request as the scheduler sees it.
 
@@ -84,6 +102,10 @@ class Request:
         "status",
         "stop_reason",
         "has_sent_output",
+        "prompt_embeds",
+        "cache_salt",
+        "prompt_logprobs",
+        "needs_whole_prompt",
     )
 
     def __init__(
@@ -108,6 +130,8 @@ class Request:
             )
         if vocab_size is not None:
             check_token_ids_in_vocab(prompt_token_ids, vocab_size)
+            if sampling_params.has_logits_controls:
+                check_control_ids_in_vocab(sampling_params, vocab_size)
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -133,6 +157,20 @@ class Request:
         # The stop token id that finished the request (None for EOS or other reasons).
         self.stop_reason: int | None = None
         self.has_sent_output = False
+        # Input embeddings of the prompt (an opaque tensor for the runner) and the salt of
+        # its block hashes, so that embedding prompts never share blocks with token
+        # prompts (whose placeholder ids they have) or other embeddings.
+        self.prompt_embeds: object | None = None
+        self.cache_salt: bytes | None = None
+        # Prompt logprobs as the runner computes them, sent with the first output.
+        self.prompt_logprobs: list[tuple[int, float, int, list[int], list[float]]] | None = (
+            [] if sampling_params.prompt_logprobs is not None else None
+        )
+        # Every prompt position must run through the model (prompt logprobs, mean pooling):
+        # no prefix-cache hits.
+        self.needs_whole_prompt = (
+            sampling_params.prompt_logprobs is not None or sampling_params.pooling == "mean"
+        )
 
     @classmethod
     def from_engine_core_request(

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from typing import Protocol
 
 from shoal.config import CacheConfig, SchedulerConfig
 from shoal.core.iteration import IterationDetails
 from shoal.core.kv_cache import KVCacheManager, cdiv
+from shoal.core.prompt_only import add_prompt_logprobs, prompt_only_output, wire_logprobs
 from shoal.core.request import FINISH_REASONS, Request, RequestStatus, check_stop
 from shoal.core.scheduler_output import (
     CachedRequestData,
@@ -67,6 +69,7 @@ class _StepBatch:
                 block_ids=list(block_ids),
                 num_computed_tokens=request.num_computed_tokens,
                 eos_token_id=request.eos_token_id,
+                prompt_embeds=request.prompt_embeds,
             )
         )
         self.ctx_reqs += 1
@@ -92,6 +95,15 @@ class _StepBatch:
         self.num_scheduled[request.request_id] = num_tokens
         self.scheduled.append((request, num_tokens))
         self.budget -= num_tokens
+
+
+class RequestGate(Protocol):
+    """Whether a waiting request may start; asked only while `has_pending` is true."""
+
+    @property
+    def has_pending(self) -> bool: ...
+
+    def is_ready(self, request: Request) -> bool: ...
 
 
 class Scheduler:
@@ -135,6 +147,9 @@ class Scheduler:
         self._num_step_preemptions = 0
         self._step_prefix_stats = (0, 0)
         self._last_details = IterationDetails(0, 0, 0, 0)
+        # Holds back waiting requests that cannot start yet (the engine's structured-output
+        # manager while a grammar compiles); None = every request can.
+        self.gate: RequestGate | None = None
 
     # -- requests in and out ----------------------------------------------------------------
 
@@ -196,8 +211,23 @@ class Scheduler:
         batch = _StepBatch(self.max_num_batched_tokens)
         self._schedule_running(batch)
         if not batch.preempted:
+            held = self._hold_unready()
             self._schedule_waiting(batch)
+            if held:
+                self.waiting.extendleft(reversed(held))
         return self._finish_step(batch)
+
+    def _hold_unready(self) -> list[Request]:
+        """Waiting requests the gate holds back this step (their grammar still compiles),
+        taken out of the queue so that the requests behind them are scheduled."""
+        gate = self.gate
+        if gate is None or not gate.has_pending:
+            return []
+        held = [r for r in self.waiting if not gate.is_ready(r)]
+        if held:
+            held_ids = {r.request_id for r in held}
+            self.waiting = deque(r for r in self.waiting if r.request_id not in held_ids)
+        return held
 
     def _schedule_running(self, batch: _StepBatch) -> None:
         i = 0
@@ -241,6 +271,8 @@ class Scheduler:
                 return None
 
     def _preempt(self, request: Request) -> None:
+        if request.prompt_logprobs and not request.has_sent_output:
+            request.prompt_logprobs.clear()  # the runner computes them again from the start
         self.kv.free(request)
         request.set_status(RequestStatus.PREEMPTED)
         request.num_computed_tokens = 0
@@ -253,7 +285,9 @@ class Scheduler:
         while self.waiting and batch.budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
-            if self.kv.has_pending_prefix(request, num_hit_tokens):
+            if request.needs_whole_prompt and not request.output_token_ids:
+                hit_blocks, num_hit_tokens = [], 0  # every prompt position must run
+            elif self.kv.has_pending_prefix(request, num_hit_tokens):
                 return  # its next blocks are being computed now: hit them next step
             num_new = request.num_tokens - num_hit_tokens
             if num_new > batch.budget:
@@ -313,6 +347,8 @@ class Scheduler:
         num_cached_blocks = kv.num_cached_blocks_of
         outputs = []
         any_finished = False
+        if runner_output.prompt_logprobs:
+            add_prompt_logprobs(requests, runner_output.prompt_logprobs)
         for req_id in scheduler_output.num_scheduled_tokens:
             request = requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -321,7 +357,14 @@ class Scheduler:
                 kv.cache_full_blocks(request)  # only when a block filled
             i = index.get(req_id)
             if i is None or not sampled[i]:
-                continue  # a prefill chunk short of the last token: nothing sampled
+                # A prefill chunk short of the last token: nothing sampled. A prompt-only
+                # request (max_tokens 0) ends with its last prompt token.
+                if request.max_tokens == 0 and request.num_computed_tokens >= request.num_tokens:
+                    request.set_status(RequestStatus.FINISHED_LENGTH_CAPPED)
+                    self._release(request, runner_holds_it=True)
+                    outputs.append(prompt_only_output(request, runner_output.pooled))
+                    any_finished = True
+                continue
             logprobs = all_logprobs[i] if i < num_logprobs else None
             output = self._append_tokens(request, sampled[i], logprobs)
             outputs.append(output)
@@ -351,6 +394,8 @@ class Scheduler:
         if not request.has_sent_output:
             request.has_sent_output = True
             output.num_cached_tokens = max(request.num_cached_tokens, 0)
+            if request.prompt_logprobs is not None:
+                output.prompt_logprobs = wire_logprobs(request.prompt_logprobs)
         return output
 
     # -- introspection ------------------------------------------------------------------------

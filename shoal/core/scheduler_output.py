@@ -21,6 +21,7 @@ steps (token ids, block table, sampling state) and returns one `ModelRunnerOutpu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from shoal.sampling_params import SamplingParams
 
@@ -38,6 +39,9 @@ class NewRequestData:
     num_computed_tokens: int
     # The model's EOS id (None: none), for masking EOS while fewer than min_tokens outputs.
     eos_token_id: int | None = None
+    # The prompt's input embeddings (a torch.Tensor [num_prompt_tokens, hidden]) when the
+    # client sent `prompt_embeds`; prompt_token_ids are then placeholders. Opaque here.
+    prompt_embeds: Any = None
 
 
 @dataclass
@@ -72,6 +76,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Structured outputs (set by the engine's StructuredOutputManager): the requests sampled
+    # this step under a grammar, and their allowed tokens as a [len(grammar_req_ids),
+    # ceil(vocab / 32)] int32 bitmask (row i for grammar_req_ids[i]; opaque here).
+    grammar_req_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: Any = None
 
 
 @dataclass
@@ -85,3 +94,10 @@ class ModelRunnerOutput:
     logprobs: list[list[tuple[int, float, int, list[int], list[float]]] | None] = field(
         default_factory=list
     )
+    # Requests asking for prompt logprobs: the entries of the prompt positions this step
+    # computed, in order (the same tuples as `logprobs`).
+    prompt_logprobs: dict[str, list[tuple[int, float, int, list[int], list[float]]]] = field(
+        default_factory=dict
+    )
+    # Embedding requests whose prompt this step finished: the pooled vector (float32 bytes).
+    pooled: dict[str, bytes] = field(default_factory=dict)

@@ -62,7 +62,7 @@ from shoal.protocol import (
     encode,
     engine_identity,
 )
-from shoal.runtime.addresses import bind_zmq_socket, unlink_ipc_address
+from shoal.runtime.addresses import bind_zmq_socket, connect_zmq_socket, unlink_ipc_address
 from shoal.runtime.restart import EngineRestartPolicy
 
 logger = init_logger(__name__)
@@ -141,7 +141,7 @@ class EngineClient:
             self._stats_socket = self.ctx.socket(zmq.SUB)
             self._stats_socket.setsockopt(zmq.SUBSCRIBE, b"")
             self._stats_socket.setsockopt(zmq.LINGER, 0)
-            self._stats_socket.connect(stats_address)
+            connect_zmq_socket(self._stats_socket, stats_address)
 
     @property
     def dead_reason(self) -> str | None:
@@ -186,6 +186,11 @@ class EngineClient:
         """The model's vocabulary size as the engines reported it (None: none did)."""
         sizes = [e.vocab_size for e in self.engines if e.vocab_size > 0]
         return min(sizes) if sizes else None
+
+    @property
+    def hidden_size(self) -> int:
+        """The model's hidden size as the engines reported it (0: none did)."""
+        return max((e.hidden_size for e in self.engines), default=0)
 
     def start(
         self,

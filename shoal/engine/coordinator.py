@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+from multiprocessing.connection import Connection
 from types import FrameType
 
 import msgspec
@@ -21,12 +22,15 @@ from shoal.protocol import DPStats, EngineLoad, decoder, encode
 from shoal.runtime.addresses import bind_zmq_socket, get_engine_client_zmq_addr, unlink_ipc_address
 from shoal.runtime.child import init_child_process
 from shoal.runtime.managers import ProcessManager
+from shoal.runtime.procs import SPAWN_CTX
 
 logger = init_logger(__name__)
 
 PROCESS_NAME = "DPCoordinator"
 REPUBLISH_INTERVAL_S = 0.1
 _POLL_MS = 50
+# TCP mode: how long the constructor waits for the process to report its bound ports.
+_ADDRESS_TIMEOUT_S = 60.0
 
 
 class DPCoordinator(ProcessManager):
@@ -38,20 +42,36 @@ class DPCoordinator(ProcessManager):
     `ProcessManager`) stops it and removes the socket files.
     """
 
-    def __init__(self, num_engines: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, num_engines: int, host: str = "127.0.0.1", local_only: bool = True) -> None:
+        """`local_only=False` (engines on other hosts): both sockets bind `tcp://host:0` and
+        the constructor waits (`RuntimeError` after `_ADDRESS_TIMEOUT_S`) for the ports."""
         if num_engines < 1:
             raise ValueError(f"--data-parallel-size: must be at least 1, got {num_engines}")
         super().__init__()
-        self.load_address = get_engine_client_zmq_addr(True, host)
-        self.stats_update_address = get_engine_client_zmq_addr(True, host)
+        self.load_address = get_engine_client_zmq_addr(local_only, host)
+        self.stats_update_address = get_engine_client_zmq_addr(local_only, host)
         self.unlink_at_shutdown([self.load_address, self.stats_update_address])
+        recv_end, send_end = (None, None) if local_only else SPAWN_CTX.Pipe(duplex=False)
         with self.rollback_on_error():
             self.proc = self.spawn(
                 run_dp_coordinator,
                 PROCESS_NAME,
-                (num_engines, self.load_address, self.stats_update_address),
+                (num_engines, self.load_address, self.stats_update_address, send_end),
                 daemon=True,
             )
+            if recv_end is not None and send_end is not None:
+                send_end.close()
+                self._read_bound_addresses(recv_end)
+
+    def _read_bound_addresses(self, pipe: Connection) -> None:
+        try:
+            if not pipe.poll(_ADDRESS_TIMEOUT_S):
+                raise RuntimeError(f"{PROCESS_NAME} did not bind its TCP ports in time")
+            self.load_address, self.stats_update_address = pipe.recv_bytes().decode().split()
+        except (EOFError, OSError) as e:
+            raise RuntimeError(f"{PROCESS_NAME} exited before binding its TCP ports") from e
+        finally:
+            pipe.close()
 
 
 class _LoadTable:
@@ -78,8 +98,14 @@ class _LoadTable:
         self._published_at = now
 
 
-def run_dp_coordinator(num_engines: int, load_address: str, stats_update_address: str) -> None:
-    """Entry point of the `DPCoordinator` process; returns (exit 0) on SIGTERM / SIGINT."""
+def run_dp_coordinator(
+    num_engines: int,
+    load_address: str,
+    stats_update_address: str,
+    address_pipe: Connection | None = None,
+) -> None:
+    """Entry point of the `DPCoordinator` process; returns (exit 0) on SIGTERM / SIGINT.
+    `address_pipe`: where the bound endpoints go (`tcp://host:0` placeholders resolved)."""
     init_child_process(PROCESS_NAME)
     stop_requested = False
 
@@ -94,8 +120,11 @@ def run_dp_coordinator(num_engines: int, load_address: str, stats_update_address
     pull = ctx.socket(zmq.PULL)
     pub = ctx.socket(zmq.PUB)
     try:
-        bind_zmq_socket(pull, load_address)
-        bind_zmq_socket(pub, stats_update_address)
+        load_address = bind_zmq_socket(pull, load_address)
+        stats_update_address = bind_zmq_socket(pub, stats_update_address)
+        if address_pipe is not None:
+            address_pipe.send_bytes(f"{load_address} {stats_update_address}".encode())
+            address_pipe.close()
         logger.info("DP coordinator up for %d engines", num_engines)
         table = _LoadTable(num_engines)
         load_decoder = decoder(EngineLoad)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from shoal.config import ShoalConfig
 from shoal.core.request import Request, RequestStatus
 from shoal.core.runner_protocol import Runner
 from shoal.core.scheduler import Scheduler
 from shoal.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from shoal.engine.stats import EngineStatsTracker
 from shoal.logger import init_logger
 from shoal.protocol import (
     EngineCoreOutput,
@@ -19,6 +21,7 @@ from shoal.protocol import (
     SchedulerStats,
 )
 from shoal.sampling_params import SamplingParams
+from shoal.structured.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
 
@@ -70,7 +73,14 @@ class EngineCore:
             max_model_len,
         )
         self.scheduler = Scheduler(*self._scheduler_args)
+        # Grammars of structured outputs: compiled on their own thread, so a request waits
+        # in the scheduler (the gate) while the batch goes on.
+        self.structured = StructuredOutputManager(
+            config.model.tokenizer or config.model.model, self.model_runner.vocab_size
+        )
+        self.scheduler.gate = self.structured
         self._pending_outputs: list[EngineCoreOutput] = []
+        self.stats = EngineStatsTracker()
         self.warm_up()
         logger.info(
             "KV cache: %d blocks x %d tokens = %d token slots (%.2fx requests of max_model_len "
@@ -88,6 +98,12 @@ class EngineCore:
         return self.scheduler.max_model_len
 
     @property
+    def hidden_size(self) -> int:
+        """The model's hidden size (0 for a runner without an `arch`, as tests' fakes)."""
+        arch = getattr(self.model_runner, "arch", None)
+        return int(getattr(arch, "hidden_size", 0))
+
+    @property
     def num_blocks(self) -> int:
         return self.scheduler.kv.num_blocks
 
@@ -95,19 +111,32 @@ class EngineCore:
     def block_size(self) -> int:
         return self.scheduler.block_size
 
-    def add_request(self, request: EngineCoreRequest) -> None:
+    def add_request(
+        self,
+        request: EngineCoreRequest,
+        prompt_embeds: Any = None,
+        cache_salt: bytes | None = None,
+    ) -> None:
         """Queue a request. `ValueError` for an empty prompt, a prompt longer than
         `max_model_len`, a prompt token id outside the model's vocabulary, or a request id
-        already in the engine."""
+        already in the engine. `prompt_embeds`: the prompt's [num_prompt_tokens, hidden]
+        input embeddings (the token ids are then placeholders), with `cache_salt` (a digest
+        of them) starting its block-hash chain."""
         # The engine checks the ids itself: the embedding lookup does not, and an id past it
         # fails the whole step (every request of the engine) on CPU, and on CUDA would be a
         # device-side assert.
         # The API server's check uses the tokenizer's vocabulary, which can differ from the
         # model's, and other clients of the engine socket may send anything.
         vocab_size = self.model_runner.vocab_size
-        self.scheduler.add_request(
-            Request.from_engine_core_request(request, self.max_model_len, vocab_size)
-        )
+        engine_request = Request.from_engine_core_request(request, self.max_model_len, vocab_size)
+        if prompt_embeds is not None:
+            check_prompt_embeds(prompt_embeds, engine_request.num_prompt_tokens, self.hidden_size)
+            engine_request.prompt_embeds = prompt_embeds
+            engine_request.cache_salt = cache_salt
+        self.scheduler.add_request(engine_request)
+        if request.sampling_params.structured_outputs is not None:
+            self.structured.add(engine_request, request.sampling_params.structured_outputs)
+        self.stats.on_add(request.request_id, time.monotonic())
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         """Abort requests at any stage and free their blocks. Each one that was unfinished
@@ -135,24 +164,36 @@ class EngineCore:
         update. Returns outputs for requests that got tokens or finished (aborts included),
         and this step's scheduler stats."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        structured = self.structured
+        structured.before_step(self.scheduler, outputs)
+        started_s = time.monotonic()
         scheduler_output = self.scheduler.schedule()
+        if structured.is_active:
+            structured.fill_bitmask(scheduler_output, self.scheduler.requests)
         if scheduler_output.total_num_scheduled_tokens > 0:
             runner_output = self.model_runner.execute_model(scheduler_output)
         else:
             runner_output = ModelRunnerOutput()
+            if structured.has_pending:
+                structured.wait(0.005)  # only grammars to wait for: do not spin
         outputs.extend(self.scheduler.update_from_output(scheduler_output, runner_output))
+        if structured.is_active:
+            structured.after_step(self.scheduler, outputs)
+        stats = self.scheduler.get_stats()
+        self.stats.on_step(scheduler_output, stats, outputs, started_s, time.monotonic())
         return EngineCoreOutputs(
             engine_index=self.engine_index,
             outputs=outputs,
-            scheduler_stats=self.scheduler.get_stats(),
+            scheduler_stats=self.stats.fill(stats),
             timestamp=time.time(),
         )
 
     def warm_up(self) -> None:
         """Run a few short requests through every step path before the engine reports ready:
         a greedy request alone (the greedy LM head, the fused decode path), then a greedy and
-        a seeded sampled one together (logits and the sampler), each a prefill across a block
-        boundary and a few decode steps. The first request otherwise paid for loading the
+        a seeded sampled one together (logits and the sampler), then one with logits controls
+        beside a prompt-only one (penalties, prompt logprobs, pooling), each a prefill across
+        a block boundary and a few decode steps. The first request otherwise paid for loading the
         native kernels, starting the thread pools and first-touch page faults (docs/serving.md,
         "Ready means ready"). Their blocks and stats are then discarded: the scheduler starts
         afresh, and the runner drops their state on a last step with nothing scheduled (every
@@ -167,7 +208,13 @@ class EngineCore:
         sampled = SamplingParams(
             temperature=1.0, top_p=0.9, seed=0, logprobs=1, max_tokens=max_tokens, ignore_eos=True
         )
-        rounds = [[greedy], [greedy, sampled]]
+        # Logits controls, and the prompt pass (prompt logprobs, pooling) of prompt-only work.
+        controlled = SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, repetition_penalty=1.1,
+            frequency_penalty=0.1, logit_bias={0: 1.0},
+        )  # fmt: skip
+        scored = SamplingParams(max_tokens=0, prompt_logprobs=1, pooling="mean")
+        rounds = [[greedy], [greedy, sampled], [controlled, scored]]
         finished: set[str] = set()
         for r, round_params in enumerate(rounds):
             ids = [f"warmup-{r}-{i}" for i in range(len(round_params))]
@@ -183,11 +230,28 @@ class EngineCore:
         self.model_runner.execute_model(SchedulerOutput(finished_req_ids=finished))
         self._pending_outputs = []
         self.scheduler = Scheduler(*self._scheduler_args)
+        self.scheduler.gate = self.structured
+        self.stats = EngineStatsTracker()
         logger.info("warm-up: %.0f ms through every step path", 1e3 * (time.monotonic() - start))
 
     def get_stats(self) -> SchedulerStats:
-        """Queue lengths and KV usage now, with the last step's figures."""
-        return self.scheduler.get_stats()
+        """Queue lengths and KV usage now, with the last step's figures and the totals."""
+        return self.stats.fill(self.scheduler.get_stats())
+
+
+def check_prompt_embeds(prompt_embeds: Any, num_prompt_tokens: int, hidden_size: int) -> None:
+    """`ValueError` naming `prompt_embeds` unless it is [num_prompt_tokens, hidden_size]
+    (any width when `hidden_size` is 0)."""
+    shape = tuple(prompt_embeds.shape)
+    if (
+        len(shape) != 2
+        or shape[0] != num_prompt_tokens
+        or (hidden_size and shape[1] != hidden_size)
+    ):
+        raise ValueError(
+            f"prompt_embeds: shape {list(shape)} does not match the request "
+            f"([{num_prompt_tokens}, {hidden_size or 'hidden'}])"
+        )
 
 
 def _load_model_runner(config: ShoalConfig) -> Runner:

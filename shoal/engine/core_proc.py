@@ -26,6 +26,7 @@ import time
 from collections import defaultdict
 from multiprocessing.connection import Connection
 from types import FrameType
+from typing import Any
 
 import zmq
 
@@ -33,6 +34,7 @@ from shoal.config import ShoalConfig
 from shoal.core.runner_protocol import RunnerFactory
 from shoal.engine.core import EngineCore
 from shoal.engine.io_threads import EngineIO
+from shoal.engine.stats_log import StatsLogger
 from shoal.engine.usage_stats import report_usage_stats
 from shoal.logger import init_logger
 from shoal.protocol import (
@@ -50,6 +52,7 @@ from shoal.protocol import (
     decoder,
     encode,
 )
+from shoal.runtime.addresses import connect_zmq_socket
 from shoal.runtime.child import exit_now, init_child_process
 
 logger = init_logger(__name__)
@@ -88,9 +91,11 @@ def run_engine_core(
     stall_exit_s: float | None = None,
     *,
     runner_factory: RunnerFactory | None = None,
+    tensor_queue: Any | None = None,
 ) -> None:
     """Entry point of process `EngineCore_<engine_index>` (the launcher starts it through
-    `CoreEngineProcManager`).
+    `CoreEngineProcManager`). `tensor_queue`: the run's `TensorQueue` (--enable-prompt-embeds),
+    from which this engine reads the tensors of requests with `has_prompt_embeds`.
 
     Handshake over `handshake` (bytes, msgspec): load the model (or build the runner with
     `runner_factory`), wait up to `ready_timeout_s` for `EngineAddresses`, connect, send
@@ -107,6 +112,8 @@ def run_engine_core(
         proc = EngineCoreProc(
             config, engine_index, coordinator_address, drain_timeout_s, stall_exit_s, runner_factory
         )
+        if tensor_queue is not None:
+            proc.tensor_receiver = tensor_queue.receiver(engine_index)
         report_usage_stats(config, "ENGINE_CONTEXT")
         if not handshake.poll(ready_timeout_s):
             raise RuntimeError(f"no API-server addresses from the launcher in {ready_timeout_s}s")
@@ -173,8 +180,14 @@ class EngineCoreProc:
         if coordinator_address is not None:
             self._load_socket = self.io.socket(zmq.PUSH)
             self._load_socket.setsockopt(zmq.LINGER, 0)
-            self._load_socket.connect(coordinator_address)
+            connect_zmq_socket(self._load_socket, coordinator_address)
         self._last_load: tuple[int, int] | None = None
+        # This engine's end of the tensor queue (`TensorReceiver`), with --enable-prompt-embeds.
+        self.tensor_receiver: Any | None = None
+        # The periodic stats line (None with --disable-log-stats, and offline).
+        self.stats_log = (
+            StatsLogger(config.log_stats_interval_s) if config.log_stats_interval_s > 0 else None
+        )
 
     @property
     def num_clients(self) -> int:
@@ -191,6 +204,7 @@ class EngineCoreProc:
             block_size=core.block_size,
             model_name=_served_model_name(self.config),
             vocab_size=core.model_runner.vocab_size,
+            hidden_size=core.hidden_size,
         )
 
     def connect(self, addresses: EngineAddresses) -> None:
@@ -229,6 +243,10 @@ class EngineCoreProc:
                 step_outputs = self.engine_core.step()
                 self._step_started = None
                 self._dispatch(step_outputs)
+                if self.stats_log is not None:
+                    self.stats_log.record(step_outputs)
+            if self.stats_log is not None:
+                self.stats_log.maybe_log()
             self._publish_load()
 
     def _stall_watchdog(self) -> None:
@@ -324,12 +342,28 @@ class EngineCoreProc:
             self._finish_unadmitted(request, FinishReason.ABORT)
             return
         try:
-            self.engine_core.add_request(request)
+            if request.has_prompt_embeds:
+                self._add_with_embeds(request)
+            else:
+                self.engine_core.add_request(request)
         except ValueError as e:
             logger.warning("request %s rejected: %s", request.request_id, e)
             self._finish_unadmitted(request, FinishReason.ERROR)
             return
         self.request_clients[request.request_id] = request.client_index
+
+    def _add_with_embeds(self, request: EngineCoreRequest) -> None:
+        """Take the request's tensor from the tensor queue (its API server queued it before
+        sending the request) and add both. `ValueError` when there is no tensor queue or the
+        tensor does not come or does not fit."""
+        if self.tensor_receiver is None:
+            raise ValueError("prompt_embeds: this engine has no tensor queue")
+        received = self.tensor_receiver.take(request.request_id)
+        embeds = received.tensor
+        runner_dtype = getattr(self.engine_core.model_runner, "dtype", None)
+        if runner_dtype is not None:
+            embeds = embeds.to(runner_dtype)
+        self.engine_core.add_request(request, embeds, received.digest)
 
     def _finish_unadmitted(self, request: EngineCoreRequest, reason: FinishReason) -> None:
         output = EngineCoreOutput(request.request_id, [], finish_reason=reason)

@@ -32,6 +32,7 @@ from shoal.protocol import (
     engine_dead_frame,
     engine_identity,
 )
+from shoal.runtime.addresses import connect_zmq_socket
 
 logger = init_logger(__name__)
 
@@ -136,7 +137,7 @@ class EngineIO:
                 sock.setsockopt(zmq.IDENTITY, engine_identity(self.engine_index))
                 sock.setsockopt(zmq.LINGER, 0)
                 monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-                sock.connect(address)
+                connect_zmq_socket(sock, address)
                 sock.send(ready)
                 poller.register(sock, zmq.POLLIN)
                 poller.register(monitor, zmq.POLLIN)
@@ -202,7 +203,7 @@ class EngineIO:
             for address in addresses:
                 sock = self._ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block on a busy API server
-                sock.connect(address)
+                connect_zmq_socket(sock, address)
                 sockets.append(sock)
             started.set()
             while (item := self._output_queue.get()) is not None:
@@ -223,7 +224,7 @@ class EngineIO:
         # The output thread is gone: tell the API servers over fresh sockets.
         for address in self._output_addresses:
             sock = self._ctx.socket(zmq.PUSH)
-            sock.connect(address)
+            connect_zmq_socket(sock, address)
             sock.send(engine_dead_frame(self.engine_index, "fatal error"), zmq.NOBLOCK)
             sock.close(linger=_DEAD_LINGER_MS)
 

@@ -28,6 +28,7 @@ from shoal.engine.core_proc import engine_proc_name, run_engine_core
 from shoal.envs import ENVS
 from shoal.logger import init_logger
 from shoal.protocol import EngineAddresses, EngineReady, decoder, encode, engine_dead_frame
+from shoal.runtime.addresses import connect_zmq_socket
 from shoal.runtime.managers import ProcessManager
 from shoal.runtime.procs import (
     SPAWN_CTX,
@@ -52,8 +53,9 @@ class CoreEngineProcManager(ProcessManager):
     same signature) lets tests replace the engine's entry point. `runner_factory`: each
     engine builds its model runner with it instead of loading the model (tests hand engines
     fake runners this way); it crosses the spawn, so it must pickle, and reaches the target
-    as the keyword `runner_factory` (only when given). `stall_exit_s`: each engine exits
-    (code 1) when one step runs longer (--restart-dead-engines with --engine-stall-timeout).
+    as the keyword `runner_factory` (only when given); likewise `tensor_queue` (the run's
+    `TensorQueue`, --enable-prompt-embeds), from which each engine reads its tensors.
+    `stall_exit_s`: each engine exits (code 1) when one step runs longer (--restart-dead-engines with --engine-stall-timeout).
     `restart(k)` replaces an exited engine (see there).
     """
 
@@ -70,8 +72,12 @@ class CoreEngineProcManager(ProcessManager):
         target_fn: Callable[..., None] | None = None,
         stall_exit_s: float | None = None,
         runner_factory: RunnerFactory | None = None,
+        tensor_queue: Any | None = None,
+        start_index: int = 0,
     ) -> None:
         super().__init__()
+        # Global index of processes[0] (a --headless host runs engines R..R+K-1).
+        self.start_index = start_index
         self.ready_timeout_s = ready_timeout_s or ENVS.engine_ready_timeout_s
         self.engines_ready: list[EngineReady] = []
         # The launcher's ends of the handshake pipes, by engine index (closed once READY).
@@ -92,10 +98,12 @@ class CoreEngineProcManager(ProcessManager):
         self._target_kwargs: dict[str, Any] = (
             {} if runner_factory is None else {"runner_factory": runner_factory}
         )
+        if tensor_queue is not None:  # the run's TensorQueue (--enable-prompt-embeds)
+            self._target_kwargs["tensor_queue"] = tensor_queue
         self.add_cleanup(_closer(self._pipes))
         self.add_cleanup(_dict_closer(self._restart_pipes))
         with self.rollback_on_error():
-            for k in range(num_engines):
+            for k in range(start_index, start_index + num_engines):
                 parent_end, child_end = SPAWN_CTX.Pipe(duplex=True)
                 self._pipes.append(parent_end)
                 try:
@@ -165,7 +173,11 @@ class CoreEngineProcManager(ProcessManager):
         """If an engine exited non-zero (so it may not have said so itself, e.g. SIGKILL),
         send its dead notice to every API server on its behalf, so their pending requests
         fail at once. Returns the names of the failed engines."""
-        failed = [(k, p) for k, p in enumerate(self.processes) if p.exitcode not in (None, 0)]
+        failed = [
+            (k, p)
+            for k, p in enumerate(self.processes, self.start_index)
+            if p.exitcode not in (None, 0)
+        ]
         for k, proc in failed:
             self.announce_dead(k, f"{proc.name} exited with code {proc.exitcode}")
         return [p.name for _, p in failed]
@@ -174,7 +186,7 @@ class CoreEngineProcManager(ProcessManager):
         """Send engine `engine_index`'s dead notice to every API server (bounded by a linger
         of about a second)."""
         if self._output_addresses:
-            _send_engine_dead(self._output_addresses, engine_dead_frame(engine_index, reason))
+            send_engine_dead(self._output_addresses, engine_dead_frame(engine_index, reason))
 
     # -- restarts (--restart-dead-engines) ------------------------------------------------------
 
@@ -183,7 +195,8 @@ class CoreEngineProcManager(ProcessManager):
         exited one, and send it the API servers' addresses at once (the pipe holds them while
         it loads). Returns the launcher's end of its handshake pipe: readable once the engine
         sent EngineReady (`recv_restart_ready`) or exited (EOF). Does not wait."""
-        old = self.processes[engine_index]
+        slot = engine_index - self.start_index
+        old = self.processes[slot]
         if old.exitcode is None:
             raise RuntimeError(f"{old.name} (pid {old.pid}) is still running")
         self.close_restart_pipe(engine_index)
@@ -200,7 +213,7 @@ class CoreEngineProcManager(ProcessManager):
         finally:
             child_end.close()
         # In place: the list is the one `shutdown()` (and its finalizer) stops.
-        self.processes[engine_index] = proc
+        self.processes[slot] = proc
         self._restart_pipes[engine_index] = parent_end
         message = encode(EngineAddresses(self._input_addresses, self._output_addresses))
         with contextlib.suppress(OSError):  # died already: its sentinel says so
@@ -212,7 +225,7 @@ class CoreEngineProcManager(ProcessManager):
         """Read the EngineReady of restarted engine `engine_index` from its pipe (readable)
         and close the pipe. `RuntimeError` when it exited instead or sent garbage."""
         pipe = self._restart_pipes[engine_index]
-        proc = self.processes[engine_index]
+        proc = self.processes[engine_index - self.start_index]
         try:
             message: EngineReady = decoder(EngineReady).decode(pipe.recv_bytes())
         except (EOFError, OSError) as e:
@@ -233,12 +246,14 @@ class CoreEngineProcManager(ProcessManager):
             pipe.close()
 
 
-def _send_engine_dead(addresses: list[str], frame: bytes) -> None:
+def send_engine_dead(addresses: list[str], frame: bytes) -> None:
+    """PUSH one dead-notice `frame` to every API-server output address (TCP or IPC), with
+    a linger of about a second."""
     ctx = zmq.Context()
     try:
         for address in addresses:
             sock = ctx.socket(zmq.PUSH)
-            sock.connect(address)
+            connect_zmq_socket(sock, address)
             with contextlib.suppress(zmq.Again):
                 sock.send(frame, zmq.NOBLOCK)
             sock.close(linger=_DEAD_LINGER_MS)

@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "shoal.entrypoints.generate",
     "chat": "shoal.entrypoints.generate",
     "bench": "shoal.entrypoints.bench",
+    "top": "shoal.entrypoints.top",
 }
 
 

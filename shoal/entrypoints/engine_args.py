@@ -122,9 +122,9 @@ def add_engine_args(g: ArgGroup) -> None:
         "rounding keys and values (default: %(default)s)",
     )
     g.add_argument(
-        "--no-enable-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_false",
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
         default=config_default(CacheConfig, "enable_prefix_caching"),
-        help="turn prefix caching off",
+        help="reuse the KV blocks of earlier prompts' common prefixes; "
+        "--no-enable-prefix-caching turns it off (default: on)",
     )

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
@@ -118,6 +123,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) 
 
 
 def _sampling_params(args: argparse.Namespace, **extra: Any) -> SamplingParams:
+    if args.max_tokens is not None and args.max_tokens < 1:
+        # SamplingParams allows 0 (prompt only): nothing a command line wants printed.
+        raise ValueError("--max-tokens: must be at least 1")
     try:
         return SamplingParams(
             max_tokens=args.max_tokens,
@@ -183,8 +191,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
-    """`shoal chat`: a REPL keeping the whole conversation; each reply streams to stdout."""
-    stdin = stdin or sys.stdin
+    """`shoal chat`: a REPL keeping the whole conversation; each reply streams to stdout.
+
+    Ctrl-C while a reply streams stops it (what came so far stays in the conversation);
+    Ctrl-C at the prompt right after that, or twice in a row, or Ctrl-D, exits (0). Never
+    a traceback: Ctrl-C while the model loads exits with 130."""
+    try:
+        return _chat(args, stdin or sys.stdin)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _chat(args: argparse.Namespace, stdin: TextIO) -> int:
     params = _sampling_params(args)
     llm = _load_llm(args)
     interactive = stdin.isatty()
@@ -192,28 +211,73 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     if args.system:
         conversation.append({"role": "system", "content": args.system})
     if interactive:
-        print("Type a message; /exit or Ctrl-D quits.", file=sys.stderr)
+        print("Type a message; /exit or Ctrl-D quits, Ctrl-C stops a reply.", file=sys.stderr)
+    interrupts = _Interrupts()
+    exit_armed = False  # the last thing the user did was a Ctrl-C
     while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
+        try:  # the prompt inside: a Ctrl-C right after it still counts as one at the prompt
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            if exit_armed:
+                print(file=sys.stderr)
+                return 0
+            exit_armed = True
+            print("\n(Ctrl-C again or Ctrl-D to exit)", file=sys.stderr)
+            continue
         if not line or line.strip() in EXIT_COMMANDS:
+            if interactive and not line:
+                print(file=sys.stderr)
             return 0
+        exit_armed = False
         if not line.strip():
             continue
         conversation.append({"role": "user", "content": line.rstrip("\n")})
-        reply = _stream_reply(llm, conversation, params)
+        with interrupts.deferred():
+            reply = _stream_reply(llm, conversation, params, interrupts)
         if reply is None:
             conversation.pop()  # did not fit: forget the turn, keep the conversation
         else:
             conversation.append({"role": "assistant", "content": reply})
+        if interrupts.stop:
+            exit_armed = True
+            print("[stopped]", file=sys.stderr, flush=True)
+
+
+class _Interrupts:
+    """SIGINT while a reply streams only sets `stop`: the engine is never interrupted in the
+    middle of a step, and the stream is closed (its request aborted) between two outputs.
+    Elsewhere SIGINT keeps raising KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.stop = False
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = True
 
 
 def _stream_reply(
-    llm: LLM, conversation: list[dict[str, str]], params: SamplingParams
+    llm: LLM,
+    conversation: list[dict[str, str]],
+    params: SamplingParams,
+    interrupts: _Interrupts | None = None,
 ) -> str | None:
     """Stream the assistant's reply to stdout; None (and a message on stderr) if the
-    conversation no longer fits the context. The reply is cut to the context left."""
+    conversation no longer fits the context. The reply is cut to the context left, and
+    ends early once `interrupts.stop` is set."""
     tokenizer = llm.get_tokenizer()
     prompt_ids = tokenizer.encode(
         tokenizer.apply_chat_template(conversation), add_special_tokens=False
@@ -230,10 +294,18 @@ def _stream_reply(
         params = msgspec.structs.replace(params, max_tokens=room)
     pieces = []
     try:
-        for output in llm.stream(prompt_ids, params):
-            piece = output.outputs[0].text if output.outputs else ""
-            pieces.append(piece)
-            print(piece, end="", flush=True)
+        stream = llm.stream(prompt_ids, params)
+        try:
+            for output in stream:
+                piece = output.outputs[0].text if output.outputs else ""
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+                if interrupts is not None and interrupts.stop:
+                    break
+        finally:
+            close = getattr(stream, "close", None)  # a generator: closing it aborts the request
+            if close is not None:
+                close()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return None

@@ -3,7 +3,10 @@ waits for completion or failure, and shuts everything down under one deadline.
 
 Start-up order (docs/architecture.md, "Start-up"):
  1. bind + listen on host:port (once; a port in use is an error, never shared)
- 2. DP coordinator (M > 1), then M engines, which start loading the model
+ 2. DP coordinator (M > 1), then M engines, which start loading the model: local processes,
+    or Ray actors (--data-parallel-backend ray), and the port --headless hosts join
+    (--data-parallel-size-local < M); with engines elsewhere every engine socket is TCP
+    (docs/scale-out.md)
  3. N API servers on the inherited socket; gather the ZMQ addresses they bound
  4. hand the addresses to the engines; wait for every engine's READY (deadline)
  5. log "shoal is ready at http://host:port"; wait_for_completion_or_failure (with
@@ -22,14 +25,17 @@ import signal
 import socket
 import time
 from types import FrameType
+from typing import Any
 
 from shoal.config import ServerConfig, ShoalConfig
 from shoal.engine.coordinator import DPCoordinator
+from shoal.engine.headless import HeadlessHosts
 from shoal.engine.manager import CoreEngineProcManager
 from shoal.logger import init_logger
 from shoal.model_source import resolve_model
 from shoal.runtime.addresses import remove_ipc_run_dir, unlink_ipc_address
 from shoal.runtime.restart import EngineRestartPolicy
+from shoal.runtime.tensor_queue import TensorQueue
 from shoal.utils import (
     APIServerProcessManager,
     get_engine_client_zmq_addr,
@@ -51,6 +57,10 @@ class ShutdownRequested(BaseException):
 
 class PortInUseError(OSError):
     pass
+
+
+class RayMissingError(RuntimeError):
+    """--data-parallel-backend ray without Ray installed."""
 
 
 def bind_listen_socket(host: str, port: int) -> socket.socket:
@@ -85,9 +95,14 @@ class _Children:
 
     def __init__(self) -> None:
         self.coordinator: DPCoordinator | None = None
-        self.engines: CoreEngineProcManager | None = None
+        # Local engine processes (CoreEngineProcManager) or Ray actors (CoreEngineActorManager);
+        # None when every engine runs on --headless hosts.
+        self.engines: Any | None = None
+        self.remote: HeadlessHosts | None = None  # engines joining from --headless hosts
+        self.ray: Any | None = None  # RayConnection (--data-parallel-backend ray)
         self.api_servers: APIServerProcessManager | None = None
         self.ipc_addresses: list[str] = []
+        self.tensor_queue: TensorQueue | None = None
 
     def watched(self) -> list:
         procs = list(self.api_servers.processes) if self.api_servers else []
@@ -108,12 +123,18 @@ class _Children:
                 self.api_servers.shutdown(remaining(EXIT_GRACE_S))
             if self.engines is not None:
                 self.engines.shutdown(remaining(1.0))
+            if self.remote is not None:
+                self.remote.shutdown()
             if self.coordinator is not None:
                 self.coordinator.shutdown(remaining(0.5))
         finally:
+            if self.ray is not None:
+                self.ray.close()
             for address in self.ipc_addresses:
                 unlink_ipc_address(address)
             remove_ipc_run_dir()
+            if self.tensor_queue is not None:
+                self.tensor_queue.close()
 
 
 def run_serve(config: ShoalConfig, server: ServerConfig) -> int:
@@ -151,6 +172,7 @@ def _serve(
             children.coordinator,
             stop_sentinel=_SignalState.stop_fd,
             restart_policy=restart_policy,
+            engine_monitors=[children.remote] if children.remote else [],
         )
         if not _SignalState.received:
             return 0  # every child exited cleanly on its own
@@ -164,8 +186,9 @@ def _serve(
         return 0
     except RuntimeError as e:
         logger.error("%s", e)
-        if children.engines is not None:
-            children.engines.announce_failed_engines()
+        for engines in (children.engines, children.remote):
+            if engines is not None:
+                engines.announce_failed_engines()
         return 1
     finally:
         _SignalState.shutting_down = True
@@ -185,18 +208,27 @@ def _start(
 ) -> None:
     num_engines, num_api_servers = server.data_parallel_size, server.api_server_count
     ready_timeout_s = server.ready_timeout_s
+    scale_out = server.scale_out
+    num_local = scale_out.local_engines(num_engines)
+    # Engines on other hosts (Ray actors, --headless hosts) reach every socket over TCP.
+    is_local = scale_out.data_parallel_backend == "mp" and num_local == num_engines
+    engine_host = _engine_host(server, children)
+    if num_local < num_engines and scale_out.data_parallel_backend == "mp":
+        children.remote = HeadlessHosts(
+            engine_host,
+            scale_out.data_parallel_rpc_port,
+            num_engines,
+            range(num_local, num_engines),
+        )
     if num_engines > 1:
-        children.coordinator = DPCoordinator(num_engines, server.host)
-    children.engines = CoreEngineProcManager(
-        config,
-        num_engines,
-        coordinator_address=children.coordinator.load_address if children.coordinator else None,
-        drain_timeout_s=server.shutdown_timeout_s,
-        ready_timeout_s=ready_timeout_s,
-        stall_exit_s=restart_policy.stall_exit_s(server.stall_timeout_s),
-    )
-    inputs = [get_engine_client_zmq_addr(True, server.host) for _ in range(num_api_servers)]
-    outputs = [get_engine_client_zmq_addr(True, server.host) for _ in range(num_api_servers)]
+        children.coordinator = DPCoordinator(num_engines, engine_host, local_only=is_local)
+    if server.enable_prompt_embeds:
+        # Before any child: the queues cross into the children only at spawn.
+        children.tensor_queue = TensorQueue(num_engines)
+    coordinator_address = children.coordinator.load_address if children.coordinator else None
+    _start_engines(config, server, restart_policy, children, coordinator_address)
+    inputs = [get_engine_client_zmq_addr(is_local, engine_host) for _ in range(num_api_servers)]
+    outputs = [get_engine_client_zmq_addr(is_local, engine_host) for _ in range(num_api_servers)]
     children.ipc_addresses = inputs + outputs
     children.api_servers = APIServerProcessManager(
         listen_address,
@@ -205,6 +237,7 @@ def _start(
         num_api_servers,
         inputs,
         outputs,
+        tensor_queue=children.tensor_queue,
         stats_update_address=(
             children.coordinator.stats_update_address if children.coordinator else None
         ),
@@ -214,8 +247,91 @@ def _start(
     # that once they stop accepting (shutdown), new connections are refused, not queued.
     sock.close()
     children.ipc_addresses += actual_inputs + actual_outputs
-    children.engines.send_addresses(actual_inputs, actual_outputs)
-    children.engines.wait_for_ready(ready_timeout_s, watched=children.watched())
+    if children.remote is not None:
+        children.remote.set_addresses(actual_inputs, actual_outputs, coordinator_address)
+    _handshake_engines(children, actual_inputs, actual_outputs, ready_timeout_s)
+
+
+def _start_engines(
+    config: ShoalConfig,
+    server: ServerConfig,
+    restart_policy: EngineRestartPolicy,
+    children: _Children,
+    coordinator_address: str | None,
+) -> None:
+    """This host's engine processes, or every engine as a Ray actor (`children.engines`);
+    none when they all come from --headless hosts."""
+    num_local = server.scale_out.local_engines(server.data_parallel_size)
+    if server.scale_out.data_parallel_backend == "ray":
+        children.engines = _actor_manager(config, server, children, coordinator_address)
+    elif num_local > 0:
+        children.engines = CoreEngineProcManager(
+            config,
+            num_local,
+            coordinator_address=coordinator_address,
+            drain_timeout_s=server.shutdown_timeout_s,
+            ready_timeout_s=server.ready_timeout_s,
+            stall_exit_s=restart_policy.stall_exit_s(server.stall_timeout_s),
+            tensor_queue=children.tensor_queue,
+        )
+
+
+def _handshake_engines(
+    children: _Children, inputs: list[str], outputs: list[str], ready_timeout_s: float
+) -> None:
+    """Hand the API servers' addresses to this host's engines (or actors) and wait for
+    every engine's READY, then for the --headless hosts' engines, under one deadline."""
+    started = time.monotonic()
+    if children.engines is not None:
+        children.engines.send_addresses(inputs, outputs)
+        children.engines.wait_for_ready(ready_timeout_s, watched=children.watched())
+    if children.remote is not None:
+        remaining_s = max(ready_timeout_s - (time.monotonic() - started), 0.1)
+        children.remote.wait_for_ready(remaining_s, watched=children.watched())
+
+
+def _engine_host(server: ServerConfig, children: _Children) -> str:
+    """The address engines on other hosts reach this one at: --data-parallel-address, else
+    (Ray) this node's IP as Ray sees it, else --host. Connects to Ray first when it is the
+    backend (`children.ray`)."""
+    scale_out = server.scale_out
+    if scale_out.data_parallel_backend == "ray":
+        connect_ray = _ray_engines().connect_ray
+        children.ray = connect_ray(scale_out.ray_address, server.ready_timeout_s)
+        return scale_out.data_parallel_address or children.ray.node_ip
+    return scale_out.data_parallel_address or server.host
+
+
+def _actor_manager(
+    config: ShoalConfig, server: ServerConfig, children: _Children, coordinator: str | None
+) -> Any:
+    """The `CoreEngineActorManager` of --data-parallel-backend ray (on `children.ray`)."""
+    restart_policy = EngineRestartPolicy.for_server(server)
+    return _ray_engines().CoreEngineActorManager(
+        config,
+        server.data_parallel_size,
+        server.scale_out,
+        coordinator,
+        drain_timeout_s=server.shutdown_timeout_s,
+        ready_timeout_s=server.ready_timeout_s,
+        stall_exit_s=restart_policy.stall_exit_s(server.stall_timeout_s),
+        ray_connection=children.ray,
+        link_host=server.scale_out.data_parallel_address,
+    )
+
+
+def _ray_engines() -> Any:
+    """shoal.engine.ray_engines; without Ray installed, a one-line `RayMissingError`."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise RayMissingError(
+            "--data-parallel-backend ray needs Ray, which is not installed: "
+            "pip install 'shoal[ray]'"
+        ) from e
+    from shoal.engine import ray_engines
+
+    return ray_engines
 
 
 class _SignalState:
@@ -246,6 +362,14 @@ class _SignalState:
             with contextlib.suppress(OSError):
                 os.close(fd)
         cls.stop_fd = cls._wake_fd = -1
+
+    @classmethod
+    def request_stop(cls) -> None:
+        """End the wait as a signal would, from any thread (a --headless host's front end
+        asked it to stop)."""
+        cls.received = True
+        with contextlib.suppress(OSError):
+            os.write(cls._wake_fd, b"\0")
 
     @classmethod
     def handle(cls, signum: int, frame: FrameType | None) -> None:

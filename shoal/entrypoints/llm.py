@@ -199,6 +199,20 @@ class LLM:
         ]
         return self._run(requests, use_tqdm)
 
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling: str = "mean",
+        normalize: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[list[float]]:
+        """One embedding per prompt, in order: the prompt's final hidden states pooled
+        (`pooling` "mean" or "last") and L2-normalized unless `normalize` is False; what
+        `POST /v1/embeddings` returns."""
+        params = SamplingParams(max_tokens=0, pooling=pooling, normalize=normalize)
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        return [output.embedding_values() for output in outputs]
+
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],

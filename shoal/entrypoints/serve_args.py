@@ -7,18 +7,27 @@ the dataclass fields, so the flags never drift from the configs.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from collections.abc import Callable
+from typing import Any
 
+from shoal import envs
 from shoal.config import (
+    DATA_PARALLEL_BACKENDS,
+    RAY_PLACEMENT_STRATEGIES,
     UVICORN_LOG_LEVELS,
     CacheConfig,
     ModelConfig,
     ParallelConfig,
+    ScaleOutConfig,
     SchedulerConfig,
     ServerConfig,
     ShoalConfig,
 )
 from shoal.entrypoints.engine_args import add_engine_args, add_model_args
 from shoal.entrypoints.engine_args import config_default as _default
+from shoal.processing.tool_parsers import TOOL_PARSERS
 
 DEFAULT_SHUTDOWN_TIMEOUT_S: float = _default(ServerConfig, "shutdown_timeout_s")
 
@@ -34,6 +43,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "SmolLM2-135M-Instruct)",
     )
     _add_server_args(parser.add_argument_group("server"))
+    _add_frontend_args(parser.add_argument_group("OpenAI front end"))
+    _add_tool_args(parser.add_argument_group("tool calling (docs/structured-outputs.md)"))
+    _add_scale_out_args(parser.add_argument_group("engines on other hosts (docs/scale-out.md)"))
     _add_model_args(parser.add_argument_group("model"))
     add_engine_args(parser.add_argument_group("engine"))
     return parser
@@ -129,6 +141,201 @@ def _add_server_args(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_frontend_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--enable-prompt-embeds",
+        action="store_true",
+        default=_default(ServerConfig, "enable_prompt_embeds"),
+        help="accept `prompt_embeds` on /v1/completions (base64 of torch.save of a [tokens, "
+        "hidden] tensor), carried to the engines in shared memory (default: off)",
+    )
+    for flag, field, what in (
+        ("--allowed-origins", "allowed_origins", "origins"),
+        ("--allowed-methods", "allowed_methods", "methods"),
+        ("--allowed-headers", "allowed_headers", "request headers"),
+    ):
+        g.add_argument(
+            flag,
+            type=_json_list(flag),
+            default=list(_default(ServerConfig, field)),
+            help=f"CORS: allowed {what}, a JSON list (default: '[\"*\"]', any)",
+        )
+    g.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        default=_default(ServerConfig, "allow_credentials"),
+        help="CORS: allow credentials (cookies, Authorization) on cross-origin requests",
+    )
+    g.add_argument(
+        "--chat-template",
+        default=_default(ServerConfig, "chat_template"),
+        help="the chat template (Jinja): a file, or the template itself (default: the tokenizer's)",
+    )
+    g.add_argument(
+        "--enable-access-log",
+        dest="access_log",
+        action="store_true",
+        default=_default(ServerConfig, "access_log"),
+        help="log one line per HTTP request (client, method, path, status, duration)",
+    )
+    g.add_argument(
+        "--disable-uvicorn-access-log",
+        dest="access_log",
+        action="store_false",
+        help="no per-request log lines (the default; vLLM's spelling, accepted)",
+    )
+    g.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        default=False,
+        help="no periodic stats line from the engines (default: one every "
+        "$SHOAL_LOG_STATS_INTERVAL_S = 10 s while busy)",
+    )
+
+
+def _add_tool_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        default=_default(ServerConfig, "enable_auto_tool_choice"),
+        help='accept tool_choice "auto" (the default with tools): the model may call tools, '
+        "found in its output by --tool-call-parser (vLLM's flag)",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=_default(ServerConfig, "tool_call_parser"),
+        help="how tool calls are written in the model's output: hermes = "
+        "<tool_call>{json}</tool_call> (Hermes, Qwen, and the prompt shoal gives templates "
+        "without tools) (default: none)",
+    )
+
+
+def _json_list(flag: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError(
+                f"{flag}: expected a JSON list of strings, e.g. '[\"*\"]', got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _frontend_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """ServerConfig's front-end fields; `ValueError` naming --chat-template when it is
+    neither a readable file nor a Jinja template."""
+    return {
+        "enable_prompt_embeds": getattr(args, "enable_prompt_embeds", False),
+        "allowed_origins": tuple(getattr(args, "allowed_origins", ["*"])),
+        "allowed_methods": tuple(getattr(args, "allowed_methods", ["*"])),
+        "allowed_headers": tuple(getattr(args, "allowed_headers", ["*"])),
+        "allow_credentials": getattr(args, "allow_credentials", False),
+        "chat_template": load_chat_template(getattr(args, "chat_template", None)),
+        "access_log": getattr(args, "access_log", False),
+    }
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """`--chat-template`: the text of the file it names, else the value itself when it
+    looks like a Jinja template; `ValueError` naming the flag otherwise, or when the
+    template does not parse."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template: cannot read {value!r}: {e}") from e
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(
+            f"--chat-template: {value!r} is neither a file nor a Jinja template "
+            "(no '{{' or '{%')"
+        )
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: not a valid Jinja template: {e}") from e
+    return template
+
+
+def _add_scale_out_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--data-parallel-backend",
+        default=_default(ScaleOutConfig, "data_parallel_backend"),
+        choices=DATA_PARALLEL_BACKENDS,
+        help="mp: engine processes on this host (plus --headless hosts); ray: every engine a "
+        "Ray actor, one placement-group bundle each (pip install 'shoal[ray]') "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--data-parallel-size-local",
+        type=int,
+        default=_default(ScaleOutConfig, "data_parallel_size_local"),
+        help="engines this host runs (0 allowed on the front end); the others join from "
+        "--headless hosts (default: all)",
+    )
+    g.add_argument(
+        "--data-parallel-start-rank",
+        type=int,
+        default=_default(ScaleOutConfig, "data_parallel_start_rank"),
+        help="index of this --headless host's first engine (default: %(default)s)",
+    )
+    g.add_argument(
+        "--data-parallel-address",
+        default=_default(ScaleOutConfig, "data_parallel_address"),
+        help="the front end's address that engines on other hosts reach: its API servers, DP "
+        "coordinator and handshake port bind there (default: --host; Ray: the head's IP)",
+    )
+    g.add_argument(
+        "--data-parallel-rpc-port",
+        type=int,
+        default=_default(ScaleOutConfig, "data_parallel_rpc_port"),
+        help="the front end's TCP port where --headless hosts join (default: %(default)s)",
+    )
+    g.add_argument(
+        "--headless",
+        action="store_true",
+        default=_default(ScaleOutConfig, "headless"),
+        help="run --data-parallel-size-local engines only, no API server; they join the "
+        "front end at --data-parallel-address:--data-parallel-rpc-port",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=_default(ScaleOutConfig, "ray_address"),
+        help="the Ray cluster of --data-parallel-backend ray (default: $RAY_ADDRESS, else a "
+        "local Ray instance started and stopped with the server)",
+    )
+    g.add_argument(
+        "--ray-placement-strategy",
+        default=_default(ScaleOutConfig, "ray_placement_strategy"),
+        choices=RAY_PLACEMENT_STRATEGIES,
+        help="how the engines' placement-group bundles spread over the nodes "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--ray-cpus-per-engine",
+        type=float,
+        default=_default(ScaleOutConfig, "ray_cpus_per_engine"),
+        help="CPUs in each engine's bundle (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ray-gpus-per-engine",
+        type=float,
+        default=_default(ScaleOutConfig, "ray_gpus_per_engine"),
+        help="GPUs in each engine's bundle (default: 1 with --device cuda, else 0)",
+    )
+
+
 def _add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--served-model-name",
@@ -181,6 +388,9 @@ def config_from_args(args: argparse.Namespace) -> ShoalConfig:
             data_parallel_size=args.data_parallel_size,
             api_server_count=args.api_server_count,
         ),
+        log_stats_interval_s=(
+            0.0 if getattr(args, "disable_log_stats", True) else envs.ENVS.log_stats_interval_s
+        ),
     )
 
 
@@ -203,4 +413,19 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_body_bytes=args.max_request_body_bytes,
         stream_interval=args.stream_interval,
         uvicorn_log_level=args.uvicorn_log_level,
+        **_frontend_fields(args),
+        enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
+        tool_call_parser=getattr(args, "tool_call_parser", None),
+        scale_out=ScaleOutConfig(
+            data_parallel_backend=args.data_parallel_backend,
+            data_parallel_size_local=args.data_parallel_size_local,
+            data_parallel_start_rank=args.data_parallel_start_rank,
+            data_parallel_address=args.data_parallel_address,
+            data_parallel_rpc_port=args.data_parallel_rpc_port,
+            headless=args.headless,
+            ray_address=args.ray_address,
+            ray_placement_strategy=args.ray_placement_strategy,
+            ray_cpus_per_engine=args.ray_cpus_per_engine,
+            ray_gpus_per_engine=args.ray_gpus_per_engine,
+        ),
     )

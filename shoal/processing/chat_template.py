@@ -12,6 +12,8 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
+from shoal.processing.tool_parsers import tool_calls_as_text, tools_system_prompt
+
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -219,7 +221,7 @@ def render_chat(
         compiled = compile_template(template)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat_template: {_describe(e)}") from e
-    _check_tool_calls_representable(template, checked)
+    checked = _adapt_tools(template, checked, kwargs.get("tools"))
     context = {**special_tokens, **kwargs, "add_generation_prompt": add_generation_prompt}
     reads = _ReadLog(checked)
     token = _reads.set(reads)
@@ -233,17 +235,24 @@ def render_chat(
         _reads.reset(token)
 
 
-def _check_tool_calls_representable(template: str, messages: list[dict[str, Any]]) -> None:
-    # A template that never mentions tool_calls renders such a message as if it had none:
-    # the model would see a turn that lost its calls, so refuse rather than guess.
-    if "tool_calls" in template:
-        return
-    for i, message in enumerate(messages):
-        if message.get("tool_calls"):
-            raise ValueError(
-                f"messages[{i}]: this model's chat template cannot represent an assistant "
-                "message with tool_calls (tool calling is not supported)"
-            )
+def _adapt_tools(template: str, messages: list[dict[str, Any]], tools: Any) -> list[dict[str, Any]]:
+    """For a template that knows nothing of tools (SmolLM2's), what it would otherwise drop
+    in Hermes' format (shoal.processing.tool_parsers): an assistant message's `tool_calls`
+    become `<tool_call>` blocks in its content, and `tools` a system prompt (joined to the
+    first system message, or a new one first)."""
+    if "tool_calls" not in template:
+        for message in messages:
+            calls = message.pop("tool_calls", None)
+            if calls:
+                text = tool_calls_as_text(calls)
+                message["content"] = f"{message['content']}\n{text}" if message["content"] else text
+    if tools and "tools" not in template:
+        prompt = tools_system_prompt(tools)
+        if messages[0]["role"] == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{prompt}"
+        else:
+            messages.insert(0, {"role": "system", "content": prompt})
+    return messages
 
 
 def _render_error(

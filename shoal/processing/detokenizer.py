@@ -11,6 +11,17 @@ from shoal.processing.tokenizer import Tokenizer
 PROMPT_CONTEXT_TOKENS = 6
 
 
+def decode_context(tokenizer: Tokenizer, prompt_token_ids: list[int]) -> list[int]:
+    """The prompt tokens the decode stream is primed with: the last `PROMPT_CONTEXT_TOKENS`,
+    less those of a broken character at the end (token-id prompts can end inside one):
+    primed with it, the stream would emit that tail, and text before it, again with the
+    first output."""
+    context = prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+    while context and tokenizer.decode(context, False).endswith("\ufffd"):
+        context = context[:-1]
+    return context
+
+
 class IncrementalDetokenizer:
     """Turns token ids, as they arrive, into text increments.
 
@@ -24,7 +35,7 @@ class IncrementalDetokenizer:
         self._backend = tokenizer.backend
         self._plain = tokenizer.plain_token_text
         self._known = tokenizer.plain_texts  # its cache: a hit skips the method call
-        context = prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+        context = decode_context(tokenizer, prompt_token_ids)
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         # True while tokens must go through the decode stream: after it returned nothing (a
         # partial character, or a token that decodes to nothing) until it yields again, and

@@ -9,6 +9,7 @@ from shoal.processing.detokenizer import IncrementalDetokenizer, find_stop_strin
 from shoal.processing.outputs import (
     CompletionOutput,
     Logprob,
+    PromptLogprobs,
     RequestOutput,
     RequestOutputKind,
     SampleLogprobs,
@@ -97,6 +98,8 @@ class _RequestState:
         self.num_unfinished = len(sequences)
         self.num_cached_tokens = 0
         self.max_stop_len = max((len(s) for s in self.params.stop), default=0)
+        self.prompt_logprobs: PromptLogprobs | None = None
+        self.embedding = b""
 
 
 class OutputProcessor:
@@ -211,6 +214,10 @@ class OutputProcessor:
             state.num_cached_tokens = output.num_cached_tokens
         if seq.logprobs is not None and output.new_logprobs:
             self._add_logprobs(seq, output.new_logprobs)
+        if output.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] + [self._position(e) for e in output.prompt_logprobs]
+        if output.embedding:
+            state.embedding = output.embedding
         if seq.detokenizer is not None and new_ids:
             new_text = seq.detokenizer.update(new_ids)
             if new_text:
@@ -243,16 +250,20 @@ class OutputProcessor:
 
     def _add_logprobs(self, seq: _Sequence, entries: list[TokenLogprobs]) -> None:
         assert seq.logprobs is not None and seq.cumulative_logprob is not None
-        text = self.tokenizer.token_text
         for e in entries:
-            position = {e.token_id: Logprob(e.logprob, e.rank, text(e.token_id))}
-            for rank, (token_id, logprob) in enumerate(
-                zip(e.top_token_ids, e.top_logprobs, strict=True), 1
-            ):
-                if token_id not in position:
-                    position[token_id] = Logprob(logprob, rank, text(token_id))
-            seq.logprobs.append(position)
+            seq.logprobs.append(self._position(e))
             seq.cumulative_logprob += e.logprob
+
+    def _position(self, e: TokenLogprobs) -> dict[int, Logprob]:
+        """One position's logprobs: the chosen token first, then the top alternatives."""
+        text = self.tokenizer.token_text
+        position = {e.token_id: Logprob(e.logprob, e.rank, text(e.token_id))}
+        for rank, (token_id, logprob) in enumerate(
+            zip(e.top_token_ids, e.top_logprobs, strict=True), 1
+        ):
+            if token_id not in position:
+                position[token_id] = Logprob(logprob, rank, text(token_id))
+        return position
 
     # ----------------------------------------------------------------------------- report
 
@@ -279,6 +290,8 @@ class OutputProcessor:
             outputs,
             finished,
             state.num_cached_tokens,
+            state.prompt_logprobs,
+            state.embedding,
         )
 
     def _visible_len(self, state: _RequestState, seq: _Sequence) -> int:
@@ -291,8 +304,12 @@ class OutputProcessor:
 
     def _full(self, state: _RequestState, seq: _Sequence) -> CompletionOutput:
         if seq.detokenizer is None:
+            # Decoded once, at the end, by the streams' detokenizer: a character that
+            # max_tokens cut is left out here too (a plain decode would show U+FFFD).
             text = (
-                self.tokenizer.decode(seq.token_ids, state.params.skip_special_tokens)
+                IncrementalDetokenizer(
+                    self.tokenizer, state.prompt_token_ids, state.params.skip_special_tokens
+                ).update(seq.token_ids)
                 if seq.finish_reason is not None
                 else ""
             )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import enum
+import sys
 from dataclasses import dataclass, field
 
 
@@ -29,6 +31,8 @@ class Logprob:
 
 # Per generated position: {token_id: Logprob}; the sampled token comes first, then the top-k.
 SampleLogprobs = list[dict[int, Logprob]]
+# Per prompt position, the same; None for the first token (nothing predicts it).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -65,3 +69,14 @@ class RequestOutput:
     finished: bool = False
     # Prompt tokens served from the prefix cache.
     num_cached_tokens: int = 0
+    # When requested (`prompt_logprobs`): one entry per prompt token, None for the first.
+    prompt_logprobs: PromptLogprobs | None = None
+    # An embedding request's pooled vector: float32 little-endian bytes.
+    embedding: bytes = b""
+
+    def embedding_values(self) -> list[float]:
+        """`embedding` as floats (empty unless this was an embedding request)."""
+        values = array.array("f", self.embedding)
+        if sys.byteorder != "little":
+            values.byteswap()
+        return values.tolist()

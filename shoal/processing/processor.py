@@ -31,6 +31,9 @@ class ProcessedRequest:
     # with the same prompt so the engine's prefix cache shares its blocks.
     engine_requests: list[EngineCoreRequest]
     arrival_time: float
+    # The prompt as input embeddings (a torch.Tensor [tokens, hidden]; prompt_token_ids are
+    # placeholders): sent on the tensor queue, one copy per engine request.
+    prompt_embeds: Any = None
 
 
 def child_request_id(request_id: str, index: int) -> str:
@@ -77,6 +80,8 @@ class InputProcessor:
         params = sampling_params if sampling_params is not None else SamplingParams()
         text, token_ids = self.tokenize(prompt, add_special_tokens=add_special_tokens)
         params = self._resolve_max_tokens(params, len(token_ids))
+        if params.has_logits_controls or params.bad_words:
+            params = self._resolve_controls(params)
         arrival = time.time() if arrival_time is None else arrival_time
         eos = self.tokenizer.eos_token_id
         if params.n == 1:
@@ -154,6 +159,37 @@ class InputProcessor:
                 "Reduce the prompt or max_tokens."
             )
         return params
+
+    def _resolve_controls(self, params: SamplingParams) -> SamplingParams:
+        """Token ids of the logits controls checked against the vocabulary (`ValueError`
+        naming the field); `bad_words` tokenized into `bad_words_token_ids`."""
+        vocab_size = self.vocab_size
+        for field, ids in (
+            ("logit_bias", list(params.logit_bias or ())),
+            ("allowed_token_ids", params.allowed_token_ids or []),
+        ):
+            bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{field}: token id {bad} is not in the vocabulary [0, {vocab_size})"
+                )
+        if not params.bad_words:
+            return params
+        return msgspec.structs.replace(
+            params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words)
+        )
+
+
+def bad_words_token_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """Each word's token ids as it would appear at the start of the text and after a space
+    (vLLM's rule: both spellings are banned), without duplicates."""
+    sequences: list[list[int]] = []
+    for word in words:
+        for spelling in (word.lstrip(" "), " " + word.lstrip(" ")):
+            ids = tokenizer.encode(spelling, add_special_tokens=False)
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -153,6 +153,7 @@ def bind_zmq_socket(sock: zmq.Socket, address: str) -> str:
 
     if address.startswith("tcp://["):
         sock.setsockopt(zmq.IPV6, 1)
+    secure_socket(sock, address, is_server=True)
     sock.bind(address)
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
     actual = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
@@ -162,6 +163,49 @@ def bind_zmq_socket(sock: zmq.Socket, address: str) -> str:
             _owned_ipc_paths.add(path)
         _register_atexit()
     return actual
+
+
+def connect_zmq_socket(sock: zmq.Socket, address: str) -> None:
+    """Connect `sock` to `address`; a tcp:// one speaks CURVE when SHOAL_ENGINE_SECRET is
+    set (`secure_socket`), like the socket bound there."""
+    secure_socket(sock, address, is_server=False)
+    sock.connect(address)
+
+
+def secure_socket(sock: zmq.Socket, address: str, is_server: bool) -> None:
+    """With SHOAL_ENGINE_SECRET set, make a `tcp://` socket speak ZMQ CURVE (encrypted): the
+    binding side as the server, under a key pair derived from the secret; a connecting side
+    needs the server's public key, which only the secret yields, and gets a fresh key pair
+    of its own. A peer without the secret cannot complete the handshake, so it can neither
+    send to nor read from the socket. IPC sockets (one host, a 0700 directory) and runs
+    without the secret are left as they are. Call before bind / connect."""
+    secret = envs.ENVS.engine_secret
+    if not secret or not address.startswith("tcp://"):
+        return
+    import zmq
+
+    server_public, server_secret = _curve_server_keys(secret)
+    if is_server:
+        sock.curve_secretkey = server_secret
+        sock.curve_publickey = server_public
+        sock.curve_server = True
+    else:
+        public, secret_key = zmq.curve_keypair()
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret_key
+
+
+def _curve_server_keys(secret: str) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 CURVE keys of every engine-socket server, from the shared secret."""
+    import hashlib
+
+    import zmq
+    from zmq.utils import z85
+
+    raw = hashlib.blake2b(secret.encode(), digest_size=32, person=b"shoal-engines").digest()
+    secret_key = z85.encode(raw)
+    return zmq.curve_public(secret_key), secret_key
 
 
 def ipc_path(address: str) -> str | None:

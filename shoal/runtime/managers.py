@@ -161,6 +161,8 @@ class APIServerProcessManager(ProcessManager):
     `sock` and `args` must be picklable. `ValueError` when the address lists do not hold
     `num_servers` entries each; if a start fails, the started children are shut down and
     the error re-raised. `shutdown()` also unlinks the IPC socket files of the addresses.
+    `tensor_queue`: shoal passes its `TensorQueue` (shoal.runtime.tensor_queue) with
+    --enable-prompt-embeds; it must cross the spawn, so it is created before any child.
     """
 
     def __init__(

@@ -12,7 +12,13 @@ What it expects of its arguments (duck-typed; `ProcessManager` provides all of i
 * `restart_policy` (optional, shoal's addition; shoal.runtime.restart): when it restarts
   engines, `engine_manager` must also provide `announce_dead(k, reason)`, `restart(k)` (starts
   a replacement in `processes[k]` and returns its handshake pipe) and `recv_restart_ready(k)`
-  (reads its READY; `RuntimeError` if it died instead), as `CoreEngineProcManager` does.
+  (reads its READY; `RuntimeError` if it died instead), as `CoreEngineProcManager` does. A
+  monitored manager (`CoreEngineActorManager`) restarts the same way once its
+  `monitor_engine_liveness()` set `failed_engine_index` (and `failure_reason`); it also
+  provides `clear_failure()` and `engine_name(k)`;
+* `engine_monitors` (optional, shoal's addition): more objects with
+  `monitor_engine_liveness()` and `failed_proc_name` / `failure_reason`, each watched on its
+  own thread (e.g. the --headless hosts that joined the front end).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import multiprocessing.connection
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +58,9 @@ class _EngineMonitor:
 
     def check(self) -> None:
         """Raise if the monitor ended because an engine failed (or the monitor broke)."""
+        reason = getattr(self.engine_manager, "failure_reason", None)
+        if reason:
+            raise RuntimeError(reason)
         name = getattr(self.engine_manager, "failed_proc_name", None)
         if name is not None:
             raise RuntimeError(f"Engine core process {name} died unexpectedly.")
@@ -65,6 +75,7 @@ def wait_for_completion_or_failure(
     *,
     stop_sentinel: Any | None = None,
     restart_policy: EngineRestartPolicy | None = None,
+    engine_monitors: Sequence[Any] = (),
 ) -> None:
     """Block until every watched process has exited 0, or raise when one fails.
 
@@ -84,6 +95,10 @@ def wait_for_completion_or_failure(
     (`EngineRestartPolicy.restart_or_fail`); a replacement that exits before its READY, or
     is not READY in time, ends the wait with `RuntimeError` naming it. The wait then
     returns once the other watched processes exited 0 (the engines never "complete").
+    A monitored engine manager (Ray actors) is restarted the same way when its liveness
+    monitor names the failed engine. Each of `engine_monitors` (shoal's addition, e.g. the
+    --headless hosts) is watched on its own thread; one that reports a failure ends the wait
+    with `RuntimeError(failure_reason)`.
     """
     watched: dict[Any, _Watched] = {}
     if stop_sentinel is not None:
@@ -91,20 +106,22 @@ def wait_for_completion_or_failure(
     _watch(watched, api_server_manager.processes)
     if coordinator is not None:
         _watch(watched, [coordinator.proc])
-    monitor: _EngineMonitor | None = None
     restarts: _EngineRestarts | None = None
+    monitored = [*engine_monitors]
     if engine_manager is not None:
+        restarting = restart_policy is not None and restart_policy.restarts_engines
+        if restarting:
+            assert restart_policy is not None
+            restarts = _EngineRestarts(engine_manager, restart_policy)
         if getattr(engine_manager, "processes", None):
-            if restart_policy is not None and restart_policy.restarts_engines:
-                restarts = _EngineRestarts(engine_manager, restart_policy)
-                _watch(watched, engine_manager.processes, replaceable=True)
-            else:
-                _watch(watched, engine_manager.processes)
+            _watch(watched, engine_manager.processes, replaceable=restarting)
         elif hasattr(engine_manager, "monitor_engine_liveness"):
-            monitor = _EngineMonitor(engine_manager)
-            watched[monitor.sentinel] = None
+            monitored.append(engine_manager)
+    monitors = [_EngineMonitor(m) for m in monitored]
+    for monitor in monitors:
+        watched[monitor.sentinel] = monitor
     try:
-        _wait_loop(watched, monitor, restarts)
+        _wait_loop(watched, monitors, restarts)
     except KeyboardInterrupt:
         logger.info("interrupted; shutting down")
     except RuntimeError as e:
@@ -114,7 +131,7 @@ def wait_for_completion_or_failure(
         logger.exception("error while watching the child processes")
         raise
     finally:
-        if monitor is not None:
+        for monitor in monitors:
             monitor.sentinel.close()
 
 
@@ -134,8 +151,8 @@ class _Child:
     engine_index: int | None = None
 
 
-# By sentinel: a child, the engine liveness monitor (None) or the caller's stop sentinel.
-_Watched = _Child | None | _Stop
+# By sentinel: a child, an engine liveness monitor or the caller's stop sentinel.
+_Watched = _Child | _EngineMonitor | _Stop
 
 
 def _watch(
@@ -149,12 +166,12 @@ def _watch(
 def _keeps_waiting(value: _Watched) -> bool:
     if isinstance(value, _Child):
         return value.engine_index is None
-    return value is None
+    return isinstance(value, _EngineMonitor)
 
 
 def _wait_loop(
     watched: dict[Any, _Watched],
-    monitor: _EngineMonitor | None,
+    monitors: list[_EngineMonitor],
     restarts: _EngineRestarts | None = None,
 ) -> None:
     while any(_keeps_waiting(value) for value in watched.values()):
@@ -172,13 +189,30 @@ def _wait_loop(
             if sentinel not in watched:
                 continue  # a handshake pipe, handled above
             child = watched.pop(sentinel)
-            if child is None:
-                assert monitor is not None
-                monitor.check()
+            if isinstance(child, _EngineMonitor):
+                monitors.append(_monitor_ended(watched, child, restarts))
             elif isinstance(child, _Child):
                 _child_exited(watched, child, restarts)
         if restarts is not None:
             restarts.check_deadlines()
+
+
+def _monitor_ended(
+    watched: dict[Any, _Watched], monitor: _EngineMonitor, restarts: _EngineRestarts | None
+) -> _EngineMonitor:
+    """A liveness monitor returned: replace the failed engine and watch again (restart mode,
+    a manager that restarts), else raise its failure. Returns the monitor now watching."""
+    manager = monitor.engine_manager
+    k = getattr(manager, "failed_engine_index", None)
+    if restarts is None or k is None or restarts.engines is not manager or monitor.error:
+        monitor.check()  # returned without a failure: the manager was shut down
+        return monitor
+    restarts.replace_monitored(k, manager.failure_reason or f"engine {k} died")
+    manager.clear_failure()
+    monitor.sentinel.close()
+    again = _EngineMonitor(manager)
+    watched[again.sentinel] = again
+    return again
 
 
 def _child_exited(
@@ -243,8 +277,34 @@ class _EngineRestarts:
         self.pending[engine_index] = (pipe, time.monotonic() + self.policy.ready_timeout_s)
         return _Child(self.engines.processes[engine_index], engine_index)
 
+    def replace_monitored(self, engine_index: int, death: str) -> None:
+        """Engine `engine_index` of a monitored manager (Ray actors) failed with `death`:
+        restart it as the policy allows (`RuntimeError` otherwise, or when it was a
+        replacement not READY yet)."""
+        name = self.engines.engine_name(engine_index)
+        if engine_index in self.pending:
+            raise RuntimeError(
+                f"{name} failed again after a restart, before it reported READY (crash loop?): "
+                f"{death}"
+            )
+        self.policy.restart_or_fail(engine_index, death, time.monotonic())
+        logger.error(
+            "%s; restarting it (--restart-dead-engines, restart %d in %g s)",
+            death,
+            self.policy.restarts(engine_index),
+            self.policy.window_s,
+        )
+        self.engines.announce_dead(engine_index, death)
+        pipe = self.engines.restart(engine_index)
+        self.pending[engine_index] = (pipe, time.monotonic() + self.policy.ready_timeout_s)
+
     def check_deadlines(self) -> None:
         now = time.monotonic()
         for k, (_, deadline) in self.pending.items():
             if now >= deadline:
-                raise self.policy.ready_timeout(self.engines.processes[k].name)
+                raise self.policy.ready_timeout(self._name(k))
+
+    def _name(self, engine_index: int) -> str:
+        if self.engines.processes:
+            return str(self.engines.processes[engine_index].name)
+        return str(self.engines.engine_name(engine_index))

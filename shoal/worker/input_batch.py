@@ -22,6 +22,11 @@ class RequestState:
     params: SamplingParams
     eos_token_id: int | None
     generator: torch.Generator | None  # set for seeded, non-greedy requests
+    # Penalties, logit bias, allowed ids or bad words set (penalties.py); fixed at arrival.
+    has_controls: bool = False
+    # [num_prompt_tokens, hidden] input embeddings replacing the prompt's token embeddings
+    # (the client's `prompt_embeds`; token_ids then hold placeholders for the prompt).
+    prompt_embeds: torch.Tensor | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -61,6 +66,8 @@ class RequestTable:
             params=new.sampling_params,
             eos_token_id=new.eos_token_id,
             generator=generator,
+            has_controls=new.sampling_params.has_logits_controls,
+            prompt_embeds=new.prompt_embeds,
         )
         self.block_table[state.row] = 0  # no stale ids from the row's previous request
         self.append_blocks(state, new.block_ids)

@@ -29,6 +29,8 @@ from shoal.worker.input_batch import (
     fill_token_inputs,
     order_batch,
 )
+from shoal.worker.penalties import build_controls
+from shoal.worker.prompt_pass import PromptPass
 from shoal.worker.sampler import SamplingBatch, TokenLogprobs, sample
 
 logger = init_logger(__name__)
@@ -98,6 +100,8 @@ class ModelRunner:
         # the ops table has one for this model (`_forward`), and the greedy LM head.
         self.fused_decode = FusedDecode.for_model(self.model)
         self.greedy_head = GreedyHead(self.model)
+        # Prompt logprobs and embeddings (prompt-only requests), off the sampling path.
+        self.prompt_pass = PromptPass(self.model.compute_logits)
         # Weights, whatever their storage (int8 linears keep theirs in buffers).
         num_params = sum(t.numel() for t in (*self.model.parameters(), *self.model.buffers()))
         self._large_step_tokens = max(1, LARGE_STEP_FLOP // (2 * max(num_params, 1)))
@@ -171,15 +175,25 @@ class ModelRunner:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         batch = order_batch(self.requests, scheduler_output.num_scheduled_tokens)
+        has_prompt_work = self.prompt_pass.is_active
+        if has_prompt_work:
+            self.prompt_pass.skip_sampling(batch)
         input_ids, positions, meta, logits_indices = self._prepare_inputs(batch)
-        hidden = self._forward(input_ids, positions, meta)
+        embeds = _prompt_embeds_rows(batch)
+        if embeds:
+            hidden = self._forward_embeds(input_ids, positions, meta, embeds)
+        else:
+            hidden = self._forward(input_ids, positions, meta)
+        if has_prompt_work:
+            self.prompt_pass.run(batch, hidden, output)
         sampled = [
             s for s, is_sampled in zip(batch.states, batch.is_sampled, strict=True) if is_sampled
         ]
         token_ids: list[int] = []
         entries: list[TokenLogprobs | None] = []
         greedy = None
-        if sampled and all(_plain_greedy(s) for s in sampled):
+        has_grammar = scheduler_output.grammar_bitmask is not None
+        if sampled and not has_grammar and all(_plain_greedy(s) for s in sampled):
             # Greedy, no logprobs, nothing banned: the argmax straight from the hidden states.
             greedy = self.greedy_head.token_ids(hidden[logits_indices])
         if greedy is not None:
@@ -187,7 +201,10 @@ class ModelRunner:
         elif sampled:
             logits = self.model.compute_logits(hidden[logits_indices])
             # .tolist() inside waits for the device, so the host buffers are free again.
-            token_ids, entries = sample(logits, _sampling_batch(sampled), self.generator)
+            sampling = _sampling_batch(sampled)
+            if has_grammar:
+                sampling.grammar = _grammar_rows(sampled, scheduler_output)
+            token_ids, entries = sample(logits, sampling, self.generator)
         elif self.device.type == "cuda":
             # Nothing read back: wait here so the next step may overwrite the pinned
             # buffers this step's non-blocking copies read from.
@@ -220,13 +237,29 @@ class ModelRunner:
             return fused.forward(input_ids, positions, meta, self.kv_caches)
         return self.model(input_ids, positions, meta, self.kv_caches)
 
+    def _forward_embeds(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        embeds: list[tuple[int, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The model's forward with the step's token embeddings, where a request computes
+        positions of a prompt given as embeddings, replaced by those rows."""
+        x = self.model.embed(input_ids)  # [num_tokens, hidden]
+        for start, rows in embeds:
+            x[start : start + rows.shape[0]] = rows.to(device=x.device, dtype=x.dtype)
+        return self.model(input_ids, positions, meta, self.kv_caches, inputs_embeds=x)
+
     def _update_states(self, so: SchedulerOutput) -> None:
         # Drop first: a preempted request can come back in this very step as a new one.
         for req_id in so.finished_req_ids | so.preempted_req_ids:
             self.requests.remove(req_id)
+            self.prompt_pass.remove(req_id)
         for new in so.scheduled_new_reqs:
             self.requests.remove(new.req_id)
-            self.requests.add(new, self._generator_for(new))
+            state = self.requests.add(new, self._generator_for(new))
+            self.prompt_pass.add(state, has_outputs=bool(new.output_token_ids))
         self.requests.update_cached(so)
 
     def _generator_for(self, new: NewRequestData) -> torch.Generator | None:
@@ -298,10 +331,29 @@ class ModelRunner:
             )
 
 
+def _prompt_embeds_rows(batch: StepBatch) -> list[tuple[int, torch.Tensor]]:
+    """(flat start, rows) for each request of the step that computes prompt positions given
+    as embeddings: the rows [ctx, min(ctx + n, num_prompt_tokens)) of its tensor."""
+    found = []
+    for state, start, ctx, n in zip(
+        batch.states, batch.query_start_loc[:-1], batch.num_context, batch.query_lens, strict=True
+    ):
+        if state.prompt_embeds is None or ctx >= state.num_prompt_tokens:
+            continue
+        end = min(int(ctx + n), state.num_prompt_tokens)
+        found.append((int(start), state.prompt_embeds[int(ctx) : end]))
+    return found
+
+
 def _plain_greedy(state: RequestState) -> bool:
     """Sampled by a bare argmax of the logits (sampler.py's contract, rule 3)."""
     p = state.params
-    return p.is_greedy and p.logprobs is None and not state.banned_token_ids()
+    return (
+        p.is_greedy
+        and p.logprobs is None
+        and not state.has_controls
+        and not state.banned_token_ids()
+    )
 
 
 def _sampling_batch(states: list[RequestState]) -> SamplingBatch:
@@ -315,7 +367,19 @@ def _sampling_batch(states: list[RequestState]) -> SamplingBatch:
         generators=[s.generator for s in states],
         num_logprobs=[p.logprobs for p in params],
         banned=banned,
+        controls=build_controls(states, [s.has_controls for s in states]),
     )
+
+
+def _grammar_rows(
+    sampled: list[RequestState], so: SchedulerOutput
+) -> tuple[list[int], torch.Tensor] | None:
+    """The sampled rows under a grammar and their bitmask rows, in the same order."""
+    where = {req_id: i for i, req_id in enumerate(so.grammar_req_ids)}
+    pairs = [(row, where[s.req_id]) for row, s in enumerate(sampled) if s.req_id in where]
+    if not pairs:
+        return None
+    return [row for row, _ in pairs], so.grammar_bitmask[[i for _, i in pairs]]
 
 
 def _max_model_len(requested: int | None, arch: ArchConfig) -> int:

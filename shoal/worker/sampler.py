@@ -4,8 +4,10 @@ Contract (per row of the logits, i.e. per request sampled this step):
 1. Logprobs, when asked for, come from the raw logits (log_softmax before any masking or
    temperature, like vLLM's default): the sampled token's logprob, its 1-based rank
    (1 + the number of tokens with a strictly larger logprob) and the top-`k` alternatives.
-2. Banned tokens (EOS and stop tokens while a request has fewer than `min_tokens` outputs)
-   get -inf.
+2. Logits controls (penalties, logit bias, allowed token ids, bad words; penalties.py) on
+   the rows that set them, then banned tokens (EOS and stop tokens while a request has
+   fewer than `min_tokens` outputs) get -inf, then every token a row's grammar forbids
+   (structured outputs; shoal/structured/).
 3. Greedy (temperature < 1e-5): exactly `argmax` of the logits, first index on ties. (A
    step whose every row is greedy without logprobs or banned tokens never reaches this
    module on float32 CPU: the runner takes the native greedy LM head's argmax, the same rule
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shoal.worker.penalties import LogitsControls
+
 _GREEDY_EPS = 1e-5
 
 
@@ -41,6 +45,11 @@ class SamplingBatch:
     num_logprobs: list[int | None]
     # (row, token id) pairs to forbid this step.
     banned: list[tuple[int, int]] = field(default_factory=list)
+    # Penalties, logit bias, allowed ids, bad words of the rows that set them (penalties.py).
+    controls: LogitsControls | None = None
+    # Structured outputs: (rows, their [len(rows), ceil(vocab / 32)] int32 bitmask of allowed
+    # tokens); every other token of those rows gets -inf.
+    grammar: tuple[list[int], torch.Tensor] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -58,9 +67,15 @@ def sample(
 
     Returns the token ids and, per row, its logprobs entry (None when not requested)."""
     raw_logprobs = _raw_logprobs(logits, batch)
+    if batch.controls is not None:
+        batch.controls.apply(logits)
     if batch.banned:
         rows, cols = zip(*batch.banned, strict=True)
         logits[list(rows), list(cols)] = float("-inf")
+    if batch.grammar is not None:
+        from shoal.structured.bitmask import apply_bitmask
+
+        apply_bitmask(logits, batch.grammar[1], batch.grammar[0])
     token_ids = logits.argmax(dim=-1)
     random_rows = [i for i, t in enumerate(batch.temperature) if t >= _GREEDY_EPS]
     if random_rows:

@@ -29,17 +29,27 @@ def _render(messages: Any, template: str) -> str:
     return render_chat(template, messages, add_generation_prompt=False, special_tokens={})
 
 
-def test_the_default_template_refuses_tool_calls_naming_the_message(
+def test_the_default_template_renders_tool_calls_as_hermes_blocks(
     default_tokenizer: Tokenizer,
 ) -> None:
-    # SmolLM2's template never reads tool_calls: rendering would silently drop the call.
+    # SmolLM2's template never reads tool_calls or tools: shoal writes the calls into the
+    # content as <tool_call> blocks and the tools into a system prompt, in the format the
+    # hermes tool parser reads back (shoal.processing.tool_parsers).
     assert default_tokenizer.chat_template is not None
     assert "tool_calls" not in default_tokenizer.chat_template
-    with pytest.raises(ValueError, match=r"^messages\[1\]: .*cannot represent an assistant"):
-        default_tokenizer.apply_chat_template(TOOL_TURN)
+    text = default_tokenizer.apply_chat_template(TOOL_TURN, add_generation_prompt=False)
+    assert text.endswith(
+        "<|im_start|>user\nWhat is f()?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "f", "arguments": {}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>tool\n42<|im_end|>\n"
+    )
     with_text = [TOOL_TURN[0], {**TOOL_TURN[1], "content": "calling f"}]
-    with pytest.raises(ValueError, match=r"^messages\[1\]: .*tool_calls"):
-        default_tokenizer.apply_chat_template(with_text)
+    text = default_tokenizer.apply_chat_template(with_text, add_generation_prompt=False)
+    assert "<|im_start|>assistant\ncalling f\n<tool_call>\n" in text
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    text = default_tokenizer.apply_chat_template(TOOL_TURN, tools=tools)
+    assert text.startswith("<|im_start|>system\nYou may call one or more functions")
+    assert '{"type": "function", "function": {"name": "f"' in text
 
 
 def test_null_content_beside_tool_calls_renders_as_empty_text() -> None:

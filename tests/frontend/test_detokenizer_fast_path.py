@@ -7,13 +7,13 @@ import random
 import pytest
 from tokenizers.decoders import DecodeStream
 
-from shoal.processing.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
+from shoal.processing.detokenizer import IncrementalDetokenizer, decode_context
 from shoal.processing.tokenizer import Tokenizer
 
 
 def _stream_only(tok: Tokenizer, prompt: list[int], ids: list[list[int]], skip: bool) -> str:
     """What the decode stream alone yields (the behaviour before the fast path)."""
-    stream = DecodeStream(ids=prompt[-PROMPT_CONTEXT_TOKENS:], skip_special_tokens=skip)
+    stream = DecodeStream(ids=decode_context(tok, prompt), skip_special_tokens=skip)
     pieces = []
     for chunk in ids:
         for token_id in chunk:

@@ -57,19 +57,18 @@ def _error_400(response: httpx.Response) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_tool_call_turn_is_400_naming_the_assistant_message(url: str, stream: bool) -> None:
-    error = _error_400(_chat(url, TOOL_TURN, stream=stream))
-    assert error["param"] == "messages[1]"
-    assert error["message"].startswith("messages[1]: this model's chat template cannot represent")
-    assert "tool_calls" in error["message"]
+def test_a_tool_call_turn_renders_with_the_default_template(url: str, stream: bool) -> None:
+    # SmolLM2's template ignores tool_calls: shoal writes them into the assistant's content
+    # as <tool_call> blocks (docs/structured-outputs.md), so the turn is not lost.
+    response = _chat(url, TOOL_TURN, stream=stream)
+    assert response.status_code == 200, response.text
 
 
-def test_the_openai_client_gets_a_bad_request_error(url: str) -> None:
+def test_the_openai_client_sends_a_tool_call_turn(url: str) -> None:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S)
     model = client.models.list().data[0].id
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=TOOL_TURN, max_tokens=2)  # type: ignore[arg-type]
-    assert info.value.body["param"] == "messages[1]"  # type: ignore[index]
+    reply = client.chat.completions.create(model=model, messages=TOOL_TURN, max_tokens=2)  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize(

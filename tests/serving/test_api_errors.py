@@ -58,10 +58,11 @@ def _error(response: httpx.Response, status: int) -> dict[str, Any]:
         ("/v1/chat/completions", {"n": 129}, "n"),
         ("/v1/completions", {"logprobs": 50}, "logprobs"),
         ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"prompt": None}, "prompt"),
         ("/v1/completions", {"prompt": [10**9]}, "prompt_token_ids"),
         ("/v1/completions", {"stop": [""]}, "stop"),
         ("/v1/completions", {"min_tokens": 9, "max_tokens": 2}, "min_tokens"),
-        ("/v1/completions", {"frequency_penalty": 1.0}, "frequency_penalty"),
+        ("/v1/completions", {"frequency_penalty": 3.0}, "frequency_penalty"),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "wizard", "content": "x"}]},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
@@ -10,13 +9,11 @@ import msgspec
 import pytest
 
 from shoal.api.asgi import error_for
-from shoal.api.metrics import HISTOGRAMS, MetricsStore
 from shoal.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     validation_param,
 )
-from shoal.protocol import SchedulerStats
 
 
 def _decode(type_: type, body: bytes) -> object:
@@ -67,8 +64,8 @@ def test_chat_request_prefers_max_completion_tokens() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logit_bias": {"1": 2.0}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logit_bias": {"1": 200.0}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"top_p": 0}, "top_p"),
         ({"n": 0}, "n"),
@@ -87,7 +84,7 @@ def test_unsupported_or_invalid_fields_are_rejected_by_name(fields: dict, param:
     ("body", "param"),
     [
         (b'{"prompt": "x", "max_tokens": "many"}', "max_tokens"),
-        (b'{"max_tokens": 3}', "prompt"),
+        (b'{"prompt": 3}', "prompt"),
         (
             b'{"prompt": "x", "stream_options": {"include_usage": 3}}',
             "stream_options.include_usage",
@@ -104,6 +101,14 @@ def test_schema_errors_become_400_naming_the_field(body: bytes, param: str) -> N
     assert payload["type"] == "BadRequestError" and payload["code"] == 400
 
 
+def test_a_completion_without_prompt_or_prompt_embeds_names_prompt() -> None:
+    # `prompt` is optional in the schema (prompt_embeds may replace it): the check is prompts().
+    request = _decode(CompletionRequest, b'{"max_tokens": 3}')
+    assert isinstance(request, CompletionRequest)
+    with pytest.raises(ValueError, match=r"^prompt: required \(or prompt_embeds\)"):
+        request.prompts()
+
+
 def test_malformed_json_is_400_and_unexpected_errors_are_500_without_details() -> None:
     with pytest.raises(msgspec.DecodeError) as info:
         _decode(CompletionRequest, b"{nope")
@@ -117,56 +122,6 @@ def test_validation_param_of_plain_messages() -> None:
     assert validation_param("top_p: must be in (0, 1]") == "top_p"
     assert validation_param("messages[0].role: must be one of") == "messages[0].role"
     assert validation_param("something went wrong") is None
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def _value(text: str, name: str, labels: str = "") -> float:
-    pattern = rf"^shoal:{re.escape(name)}{{[^}}]*{re.escape(labels)}[^}}]*}} (\S+)$"
-    match = re.search(pattern, text, re.M)
-    assert match, f"{name} {labels} not in:\n{text}"
-    return float(match.group(1))
-
-
-def test_two_stores_in_one_directory_render_the_same_totals(tmp_path) -> None:
-    a = MetricsStore(num_engines=2, directory=str(tmp_path), client_index=0)
-    b = MetricsStore(num_engines=2, directory=str(tmp_path), client_index=1)
-    try:
-        a.inc("requests_received_total")
-        b.inc("requests_received_total", 2)
-        a.inc("generation_tokens_total", 10)
-        ttft = HISTOGRAMS[0]
-        a.observe(ttft, 0.003)
-        b.observe(ttft, 30.0)
-        # Engine 1's newest stats came through b, older ones through a: b's win everywhere.
-        a.set_engine_stats(1, 100.0, SchedulerStats(num_running_reqs=5, kv_cache_usage=0.5))
-        b.set_engine_stats(1, 200.0, SchedulerStats(num_running_reqs=0, num_blocks_free=7))
-        text_a, text_b = a.render("m"), b.render("m")
-        assert text_a == text_b
-        assert _value(text_a, "requests_received_total") == 3
-        assert _value(text_a, "generation_tokens_total") == 10
-        assert _value(text_a, "num_requests_running", 'engine="1"') == 0
-        assert _value(text_a, "kv_cache_blocks_free", 'engine="1"') == 7
-        assert _value(text_a, "time_to_first_token_seconds_count") == 2
-        assert _value(text_a, "time_to_first_token_seconds_bucket", 'le="0.005"') == 1
-        assert _value(text_a, "time_to_first_token_seconds_bucket", 'le="+Inf"') == 2
-        # Stale stats never overwrite newer ones.
-        b.set_engine_stats(1, 150.0, SchedulerStats(num_running_reqs=9))
-        assert _value(b.render("m"), "num_requests_running", 'engine="1"') == 0
-    finally:
-        a.close()
-        b.close()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_store_without_directory_counts_this_process_only() -> None:
-    store = MetricsStore(num_engines=1)
-    store.inc("request_success_total:stop")
-    text = store.render('quote"d')
-    assert 'model_name="quote\\"d"' in text
-    assert _value(text, "request_success_total", 'finished_reason="stop"') == 1
-    store.close()
 
 
 def test_api_server_modules_do_not_import_torch() -> None:
