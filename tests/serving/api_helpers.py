@@ -25,8 +25,9 @@ TIMEOUT_S = 60.0
 
 
 @contextlib.contextmanager
-def running_server(model_dir: str, *flags: str) -> Iterator[ServeProcess]:
-    """`shoal serve` on the tiny model for a whole test module.
+def running_server(model_dir: str, *flags: str, tiny: bool = True) -> Iterator[ServeProcess]:
+    """`shoal serve` on the tiny model for a whole test module (`tiny`: random weights and
+    TINY_FLAGS; else the checkpoint's own weights and only `flags`).
 
     Its IPC directory lives under a private base, not the suite's: the per-test leak check
     fails on any socket file under the suite's base, and this server outlives single tests.
@@ -35,7 +36,7 @@ def running_server(model_dir: str, *flags: str) -> Iterator[ServeProcess]:
     saved = os.environ["SHOAL_RPC_BASE_PATH"]
     os.environ["SHOAL_RPC_BASE_PATH"] = base
     try:
-        server = start_serve([model_dir, *TINY_FLAGS, *flags])
+        server = start_serve([model_dir, *(TINY_FLAGS if tiny else []), *flags])
     finally:
         os.environ["SHOAL_RPC_BASE_PATH"] = saved
     try:

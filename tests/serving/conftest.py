@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from multiprocessing import resource_tracker
 
+import openai
 import psutil
 import pytest
 
@@ -27,6 +28,8 @@ from tests.helpers import make_tiny_model_dir
 READY_RE = re.compile(r"shoal is ready at (http://\S+)")
 STARTUP_TIMEOUT_S = 240.0
 # Flags of a small, fast server on the tiny random-weight model.
+# The official client's timeout in the module fixtures below.
+CLIENT_TIMEOUT_S = 60.0
 TINY_FLAGS = ["--load-format", "dummy", "--num-blocks", "256", "--max-model-len", "256"]
 
 
@@ -226,3 +229,21 @@ def serve(tiny_model_dir: str) -> Iterator[Callable[..., ServeProcess]]:
 
 def files_under(path: str) -> list[str]:
     return [os.path.join(root, f) for root, _, files in os.walk(path) for f in files]
+
+
+# The fixtures of a module that serves one `server` (its own module-scoped fixture) to many
+# tests: its base URL, an official `openai` client on it, and the model id it serves.
+@pytest.fixture(scope="module")
+def url(server: ServeProcess) -> str:
+    assert server.url is not None
+    return server.url
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id

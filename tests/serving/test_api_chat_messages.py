@@ -37,12 +37,6 @@ def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def url(server: ServeProcess) -> str:
-    assert server.url is not None
-    return server.url
-
-
 def _chat(url: str, messages: Any, **fields: Any) -> httpx.Response:
     body = {"messages": messages, "max_tokens": 2, "temperature": 0, **fields}
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT_S)

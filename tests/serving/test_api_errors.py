@@ -23,12 +23,6 @@ def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
 
 
 @pytest.fixture(scope="module")
-def url(server: ServeProcess) -> str:
-    assert server.url is not None
-    return server.url
-
-
-@pytest.fixture(scope="module")
 def model(url: str) -> str:
     return httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"][0]["id"]
 

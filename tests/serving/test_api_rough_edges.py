@@ -45,22 +45,6 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             os.environ["SHOAL_LOG_STATS_INTERVAL_S"] = saved
 
 
-@pytest.fixture(scope="module")
-def url(server: ServeProcess) -> str:
-    assert server.url is not None
-    return server.url
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 # -- /v1/models/{id}, /health ------------------------------------------------------------------
 
 

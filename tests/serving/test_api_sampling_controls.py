@@ -5,10 +5,6 @@ with transformers on the same weights."""
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
-import signal
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +16,8 @@ import torch
 
 from shoal.processing.tokenizer import Tokenizer
 from tests.helpers import make_tiny_hf_checkpoint
-from tests.serving.api_helpers import TIMEOUT_S
-from tests.serving.conftest import ServeProcess, start_serve
+from tests.serving.api_helpers import TIMEOUT_S, running_server
+from tests.serving.conftest import ServeProcess
 
 PROMPT = [504, 3458, 314, 253, 1345, 28, 357, 2104, 253, 504, 3458, 30]
 MAX_TOKENS = 10
@@ -47,43 +43,11 @@ def tokenizer(checkpoint: str) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def server(checkpoint: str) -> Iterator[ServeProcess]:
-    """The server runs the checkpoint's weights (no dummy load), its IPC files under a
-    private base (it outlives single tests)."""
-    base = tempfile.mkdtemp(prefix="shoal-ctl-rpc-")
-    saved = os.environ["SHOAL_RPC_BASE_PATH"]
-    os.environ["SHOAL_RPC_BASE_PATH"] = base
-    try:
-        server = start_serve([checkpoint, "--num-blocks", "256", "--max-model-len", "256"])
-    finally:
-        os.environ["SHOAL_RPC_BASE_PATH"] = saved
-    try:
+    """The server runs the checkpoint's weights (no dummy load)."""
+    with running_server(
+        checkpoint, "--num-blocks", "256", "--max-model-len", "256", tiny=False
+    ) as server:
         yield server
-        assert server.stop(signal.SIGTERM, TIMEOUT_S) == 0, server.log
-        assert server.leftovers() == []
-        assert [f for _, _, files in os.walk(base) for f in files] == []
-    finally:
-        server.kill_everything()
-        with contextlib.suppress(OSError):
-            for root, dirs, _ in os.walk(base, topdown=False):
-                for d in dirs:
-                    os.rmdir(os.path.join(root, d))
-            os.rmdir(base)
-
-
-@pytest.fixture(scope="module")
-def url(server: ServeProcess) -> str:
-    assert server.url is not None
-    return server.url
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 def reference(hf, prompt: list[int], control=None, max_tokens: int = MAX_TOKENS) -> list[int]:

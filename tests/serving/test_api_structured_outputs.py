@@ -84,22 +84,6 @@ def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def url(server: ServeProcess) -> str:
-    assert server.url is not None
-    return server.url
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 def _chat(client: openai.OpenAI, model: str, **kwargs: Any) -> Any:
     kwargs.setdefault("messages", MESSAGES)
     kwargs.setdefault("max_tokens", 120)

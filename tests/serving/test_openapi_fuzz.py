@@ -28,12 +28,6 @@ def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def url(server: ServeProcess) -> str:
-    assert server.url is not None
-    return server.url
-
-
 def test_the_document_lists_every_route_with_schemas(url: str) -> None:
     document = httpx.get(f"{url}/openapi.json", timeout=TIMEOUT_S).json()
     assert document == build_openapi(api_key=False)

@@ -49,11 +49,6 @@ def client(server: ServeProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=TIMEOUT_S)
 
 
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 @pytest.fixture(autouse=True)
 def _no_segment_left() -> Iterator[None]:
     yield

@@ -24,12 +24,6 @@ def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def url(server: ServeProcess) -> str:
-    assert server.url is not None
-    return server.url
-
-
 def _stream(url: str, body: dict) -> list[dict]:
     with httpx.stream("POST", url, json={**body, "stream": True}, timeout=TIMEOUT_S) as r:
         assert r.status_code == 200
