@@ -29,6 +29,9 @@ from shoal.runtime.addresses import connect_zmq_socket
 logger = init_logger(__name__)
 
 _POLL_MS = 100
+# After the front end's connection drops: how long a "stop" it sent just before may take to
+# reach this socket (a stopping front end sends it, then closes its port).
+_STOP_GRACE_MS = 500
 # A CURVE handshake that fails: the two sides' SHOAL_ENGINE_SECRET differ.
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -125,15 +128,26 @@ class FrontEndLink:
     def _watch_once(self, poller: zmq.Poller) -> bool:
         """One poll of the link; True once the watch is over (stop or front end gone)."""
         events = dict(poller.poll(_POLL_MS))
+        # Messages first: a front end that stops sends "stop", then closes its port, so the
+        # notice and the disconnect can arrive in the same poll.
+        if self._sock in events and self._read_notices():
+            return True
         if self._monitor in events:
             self._on_monitor_event()
             if not self._connected:
+                # The stop notice may still be on its way through ZMQ's I/O thread.
+                if self._sock.poll(_STOP_GRACE_MS, zmq.POLLIN) and self._read_notices():
+                    return True
                 self.failed_proc_name = "the front end"
                 self.failure_reason = (
                     f"the front end at {self.endpoint} went away; stopping this host's engines"
                 )
                 return True
-        if self._sock in events:
+        return False
+
+    def _read_notices(self) -> bool:
+        """Read every message waiting on the link; True if one is the front end's stop."""
+        while self._sock.poll(0, zmq.POLLIN):
             kind, payload = self._sock.recv_multipart()
             if kind == HEADLESS_NOTICE and decoder(HeadlessNotice).decode(payload).kind == "stop":
                 logger.info("the front end asked this host to stop")

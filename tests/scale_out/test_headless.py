@@ -170,7 +170,7 @@ def test_front_end_and_headless_host_serve_together_and_stop_together(
         assert set(per_engine) == {"0", "1"} and min(per_engine.values()) >= 1, per_engine
         assert front.stop(signal.SIGTERM, 60) == 0
         # The front end tells the headless host to stop.
-        assert engines.wait(60) == 0
+        assert engines.wait(60) == 0, engines.log
         assert "the front end asked this host to stop" in engines.log
         assert front.leftovers() == [] and engines.leftovers() == []
 
