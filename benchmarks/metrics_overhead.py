@@ -123,10 +123,14 @@ def main() -> None:
         )
     ratio = results["prometheus_client"]["per_token_us"] / results["shoal"]["per_token_us"]
     print(f"prometheus_client / shoal per token: {ratio:.1f}x")
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    cpu = names[0] if names else platform.processor()
-    report = {"tokens": args.tokens, "cpu": cpu, "python": platform.python_version(), **results}
+    from shoal.bench.report import cpu_model_name
+
+    report = {
+        "tokens": args.tokens,
+        "cpu": cpu_model_name(),
+        "python": platform.python_version(),
+        **results,
+    }
     out = args.out or os.path.join(
         REPO, "benchmarks", "results", f"metrics_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
     )

@@ -19,7 +19,6 @@ import importlib.machinery
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from shoal import native  # noqa: E402
+from shoal.bench.report import cpu_model_name  # noqa: E402
 from shoal.model.gguf_quant import Q4Linear  # noqa: E402
 from shoal.model.int8 import Int8Linear  # noqa: E402
 from shoal.native.variants import VARIANTS  # noqa: E402
@@ -131,12 +131,7 @@ def main() -> None:
         for case, fn in cases.items():
             for name, mod in modules:
                 samples[case][name].append(_time(lambda fn=fn, mod=mod: fn(mod)))
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model_name()
     names = [n for n, _ in modules]
     print(f"CPU: {cpu}; torch threads {args.threads}; median of {args.rounds} rounds, us/call")
     print(f"{'case':36}" + "".join(f"{n:>14}" for n in names) + "   ratios to " + names[0])

@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from shoal.bench.procs import OtherLoad, ServerProcess, free_port, measure_other_load  # noqa: E402
-from shoal.bench.report import markdown_report  # noqa: E402
+from shoal.bench.report import cpu_model_name, markdown_report  # noqa: E402
 from shoal.bench.serve import BenchConfig, Hooks, run_benchmark  # noqa: E402
 from shoal.entrypoints.bench import json_safe  # noqa: E402
 
@@ -307,18 +307,11 @@ def machine_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
-        "cpu_model": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model_name(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
     return info
 
 

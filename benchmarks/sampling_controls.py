@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from shoal.bench.report import cpu_model_name
 from shoal.sampling_params import SamplingParams
 from shoal.worker.penalties import build_controls
 from shoal.worker.sampler import SamplingBatch, sample
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     result: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_model_name(),
         "threads": torch.get_num_threads(),
         "args": vars(args),
         "sampler": sampler_part(args),
@@ -156,17 +156,6 @@ def main() -> None:
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {out}", file=sys.stderr)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -256,7 +255,13 @@ def main() -> None:
         "unconstrained_ms": min(plain_ttft),
     }
     _print(results)
-    results["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "python": sys.version.split()[0]}
+    from shoal.bench.report import cpu_model_name
+
+    results["machine"] = {
+        "cpu": cpu_model_name(),
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)),
         "results",
@@ -291,17 +296,6 @@ def _print(results: dict[str, Any]) -> None:
     print("\ntime to first token, milliseconds (best of 5, interleaved)")
     for name, value in results["ttft"].items():
         print(f"  {name:<30} {value:8.1f}")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -252,3 +253,16 @@ def markdown_report(report: dict[str, Any]) -> str:
         *_profile_lines(report),
     ]
     return "\n".join(lines)
+
+
+def cpu_model_name() -> str:
+    """The host CPU's name as /proc/cpuinfo gives it ("AMD EPYC", ...), named beside every
+    figure; `platform.processor()` where there is no /proc."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
