@@ -1,11 +1,22 @@
 //! The messages of shoal/protocol.py (msgspec Structs as msgpack), encoded byte-for-byte as
 //! msgspec encodes them and decoded with msgspec's rules (docs/wire-protocol.md).
 //!
-//! STUB: the types below are agreed for the workspace (one Rust struct per Python Struct,
-//! same field names and order); `Wire::encode` / `Wire::decode` bodies are to be written.
-//! Array-like structs with `omit_defaults` drop trailing fields equal to their default,
-//! exactly as msgspec does; map structs (`SamplingParams`, `StructuredOutputsParams`) omit
-//! every default-valued field.
+//! The types below are agreed for the workspace (one Rust struct per Python Struct, same field
+//! names and order). msgspec (0.23, as installed) writes EVERY field of an array-like struct,
+//! `omit_defaults` or not; map structs (`SamplingParams`, `StructuredOutputsParams`) leave out
+//! each field equal to its default (floats: bit-equal; see docs/wire-protocol.md for the one
+//! place where this differs from msgspec's identity test).
+//!
+//! `SamplingParams::check` repeats the Python `__post_init__` value checks (a front end must
+//! run it before sending: an engine drops a request that fails them, unanswered).
+//!
+//! Not here (no frontend sends or reads them): EngineAddresses, TensorHandle, Headless*.
+
+mod codec;
+mod messages;
+mod sampling;
+
+pub use sampling::POOLING_TYPES;
 
 use std::collections::BTreeMap;
 
@@ -55,30 +66,30 @@ pub struct StructuredOutputsParams {
 /// shoal/sampling_params.py `SamplingParams` (a msgpack map; defaults omitted).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    pub n: i64,                                  // 1
-    pub temperature: f64,                        // 1.0
-    pub top_p: f64,                              // 1.0
-    pub top_k: i64,                              // 0
-    pub min_p: f64,                              // 0.0
-    pub seed: Option<i64>,                       // None
-    pub max_tokens: Option<i64>,                 // Some(16)
-    pub min_tokens: i64,                         // 0
-    pub stop: Vec<String>,                       // []
-    pub stop_token_ids: Vec<i64>,                // []
-    pub ignore_eos: bool,                        // false
-    pub logprobs: Option<i64>,                   // None
-    pub skip_special_tokens: bool,               // true
-    pub include_stop_str_in_output: bool,        // false
-    pub presence_penalty: f64,                   // 0.0
-    pub frequency_penalty: f64,                  // 0.0
-    pub repetition_penalty: f64,                 // 1.0
-    pub logit_bias: Option<BTreeMap<i64, f64>>,  // None (Python dict order: insertion)
-    pub allowed_token_ids: Option<Vec<i64>>,     // None
-    pub bad_words: Vec<String>,                  // []
-    pub bad_words_token_ids: Vec<Vec<i64>>,      // []
-    pub prompt_logprobs: Option<i64>,            // None
-    pub pooling: Option<String>,                 // None
-    pub normalize: bool,                         // true
+    pub n: i64,                                              // 1
+    pub temperature: f64,                                    // 1.0
+    pub top_p: f64,                                          // 1.0
+    pub top_k: i64,                                          // 0
+    pub min_p: f64,                                          // 0.0
+    pub seed: Option<i64>,                                   // None
+    pub max_tokens: Option<i64>,                             // Some(16)
+    pub min_tokens: i64,                                     // 0
+    pub stop: Vec<String>,                                   // []
+    pub stop_token_ids: Vec<i64>,                            // []
+    pub ignore_eos: bool,                                    // false
+    pub logprobs: Option<i64>,                               // None
+    pub skip_special_tokens: bool,                           // true
+    pub include_stop_str_in_output: bool,                    // false
+    pub presence_penalty: f64,                               // 0.0
+    pub frequency_penalty: f64,                              // 0.0
+    pub repetition_penalty: f64,                             // 1.0
+    pub logit_bias: Option<BTreeMap<i64, f64>>,              // None (Python dict order: insertion)
+    pub allowed_token_ids: Option<Vec<i64>>,                 // None
+    pub bad_words: Vec<String>,                              // []
+    pub bad_words_token_ids: Vec<Vec<i64>>,                  // []
+    pub prompt_logprobs: Option<i64>,                        // None
+    pub pooling: Option<String>,                             // None
+    pub normalize: bool,                                     // true
     pub structured_outputs: Option<StructuredOutputsParams>, // None
 }
 
@@ -251,13 +262,30 @@ pub struct DPStats {
 
 /// `engine_dead_frame(k, reason)`: ENGINE_CORE_DEAD + encode(EngineDead).
 pub fn engine_dead_frame(engine_index: i64, reason: &str) -> Vec<u8> {
-    let _ = (engine_index, reason);
-    unimplemented!()
+    let body = EngineDead {
+        engine_index,
+        reason: reason.to_string(),
+    }
+    .encode();
+    let mut frame = Vec::with_capacity(ENGINE_CORE_DEAD.len() + body.len());
+    frame.extend_from_slice(ENGINE_CORE_DEAD);
+    frame.extend_from_slice(&body);
+    frame
 }
 
 /// The EngineDead of a dead-notice frame (starts with ENGINE_CORE_DEAD); Ok(None) for the
-/// bare old form.
+/// bare old form. A frame without the prefix is an error (Python slices it off unchecked).
 pub fn decode_engine_dead(frame: &[u8]) -> Result<Option<EngineDead>, DecodeError> {
-    let _ = frame;
-    unimplemented!()
+    let Some(payload) = frame.strip_prefix(ENGINE_CORE_DEAD) else {
+        return Err(DecodeError(
+            "not a dead notice: no ENGINE_CORE_DEAD prefix".into(),
+        ));
+    };
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    EngineDead::decode(payload).map(Some)
 }
+
+#[cfg(test)]
+mod tests;
