@@ -149,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32, help="decode steps measured")
     p.add_argument("--top", type=int, default=0, help="also print the top-N functions")
-    p.add_argument("--quantization", default=None, choices=["int8", "gguf"], help="default: none")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "auto", "int8", "gguf"],
+        help="none = the exact path; auto = what no flags run (default: none)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16"])
     p.add_argument(
         "--timing-only", action="store_true", help="prefill and decode timings, no profile"
@@ -172,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         llm = LLM(
             model, load_format=load_format, max_model_len=1024, num_blocks=2048,
             quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+            dtype=args.dtype,
         )  # fmt: skip
         import torch
 
         torch.set_num_threads(args.threads)
         print(
-            f"model {model or 'default'}; quantization {args.quantization}; KV cache "
+            f"model {model or 'default'}; {args.dtype}; quantization {args.quantization} (ran "
+            f"{llm.engine.engine_core.model_runner.config.model.quantization}); KV cache "
             f"{args.kv_cache_dtype}; torch threads "
             f"{torch.get_num_threads()}; load average {os.getloadavg()}"
         )

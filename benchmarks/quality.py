@@ -83,11 +83,12 @@ QUESTIONS = [
 
 
 def modes_table() -> dict[str, dict[str, Any]]:
-    """Mode name -> `LLM` settings: float32 (no flags), every `--quantization` the code has,
+    """Mode name -> `LLM` settings: float32 (`--quantization none`: no flags now run the
+    default mode, `auto`, which `default_mode` names), every `--quantization` the code has,
     and bfloat16 weights."""
     from shoal.config import QUANTIZATIONS
 
-    modes: dict[str, dict[str, Any]] = {"float32": {}}
+    modes: dict[str, dict[str, Any]] = {"float32": {"quantization": "none"}}
     for quantization in QUANTIZATIONS:
         modes[quantization] = {"quantization": quantization}
     modes["bfloat16"] = {"dtype": "bfloat16"}
@@ -235,10 +236,12 @@ def run_mode(
     start = time.perf_counter()
     llm = LLM(args.model, **settings)
     load_s = time.perf_counter() - start
+    runner = llm.engine.engine_core.model_runner
     result: dict[str, Any] = {
         "settings": settings,
+        "quantization": runner.config.model.quantization,  # what the engine ran
         "load_s": load_s,
-        "kv_cache_dtype": str(llm.engine.engine_core.model_runner.kv_dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
     }
     result["perplexity"] = perplexity(llm, windows)
     log(f"[{name}] PPL {result['perplexity']['ppl']:.4f} in {result['perplexity']['seconds']:.0f}s")
@@ -336,6 +339,8 @@ def _same_tokens(binary: str, model_path: str, text_path: str, token_ids: list[i
 def markdown(report: dict[str, Any]) -> str:
     modes, anchor = report["modes"], report["llama_cpp"]
     lines = [
+        f"No flags run {report.get('default_mode', '?')}",
+        "",
         f"CPU: {report['machine']['cpu']} ({report['machine']['flags']}); text: "
         f"{report['text']['name']}, {report['text']['num_tokens']} tokens; "
         f"{report['num_windows']} windows of {report['ctx']}, "
@@ -400,6 +405,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def default_mode(model: str | None) -> str:
+    """What `shoal serve` / `LLM()` with no flags runs on `model` here, and why (the engine's
+    start-up log line, shoal/model/mode.py)."""
+    import torch
+
+    from shoal.config import ModelConfig
+    from shoal.model.mode import choose_mode
+    from shoal.model_source import resolve_model
+
+    config = ModelConfig(model=model)
+    return choose_mode(config, resolve_model(model), torch.device("cpu"), torch.float32).describe()
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -456,6 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gen_len": args.gen_len,
         "modes": modes,
         "llama_cpp": anchor,
+        "default_mode": default_mode(args.model),
     }
     table_md = markdown(report)
     print(table_md, flush=True)

@@ -10,16 +10,25 @@ markdown table (with the issue-6 targets checked) to --out-dir.
 Servers (in this order): the bare-uvicorn baseline (1 and 2 workers, and 1 worker paced
 like an engine: a chunk per stream every --paced-tick-ms), `shoal serve` on a
 tiny random-weight model (2 layers, hidden 64, the default tokenizer; 1 and 2 API servers,
-and 1 with a chunk per --stream-interval tokens), `shoal serve` on the default model. Engine-side baseline: benchmarks/offline_throughput.py.
+and 1 with a chunk per --stream-interval tokens), `shoal serve` on the default model with no
+flags (auto: gguf mode) and in each explicit mode (float32 = `--quantization none`, int8,
+gguf); then the anchors on the same file, when installed (skipped with a note otherwise):
+llama.cpp's `llama-server` (benchmarks/setup_llama_cpp.sh builds it; 64 parallel slots,
+continuous batching, both cores) and vLLM (`vllm serve`, bfloat16). Engine-side baseline:
+benchmarks/offline_throughput.py.
+
+    python benchmarks/run_serving.py --only default,llama,vllm --concurrency 1,16
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -45,8 +54,9 @@ class Workload:
 
 @dataclass
 class ServerSpec:
-    name: str  # "bare-1", "tiny-1", "tinysi-1", "default-1", "int8-1", "gguf-1", "int8-kv32-1"
-    kind: str  # "bare" or "shoal"
+    # "bare-1", "tiny-1", "tinysi-1", "default-1", "float32-1", "int8-1", "gguf-1", "int8-kv32-1"
+    name: str
+    kind: str  # "bare", "shoal", "llama" (llama-server) or "vllm"
     model_label: str
     num_api_servers: int
     workloads: list[Workload]
@@ -89,9 +99,17 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
         ServerSpec(
             "default-1",
             "shoal",
-            "SmolLM2-135M-Instruct Q4_1 (default)",
+            "SmolLM2-135M-Instruct Q4_1, no flags (auto: gguf mode)",
             1,
             [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)],
+        ),
+        ServerSpec(
+            "float32-1",
+            "shoal",
+            "SmolLM2-135M-Instruct, --quantization none (exact float32)",
+            1,
+            [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)],
+            ["--quantization", "none"],
         ),
         ServerSpec(
             "int8-1",
@@ -118,6 +136,7 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
             ["--quantization", "int8", "--kv-cache-dtype", "float32"],
         ),
     ]
+    specs += anchor_specs(args, [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)])
     for spec in specs:
         if spec.kind == "shoal" and args.server_args:
             spec.server_args = args.server_args
@@ -134,7 +153,89 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
     ]
 
 
+DEFAULT_LLAMA_SERVER = "/tmp/llama.cpp-build/build/bin/llama-server"
+
+
+def find_llama_server(path: str | None) -> str | None:
+    """--llama-server, else $LLAMA_SERVER, else setup_llama_cpp.sh's build, else PATH's."""
+    for candidate in (path, os.environ.get("LLAMA_SERVER"), DEFAULT_LLAMA_SERVER):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("llama-server")
+
+
+def anchor_specs(args: argparse.Namespace, workloads: list[Workload]) -> list[ServerSpec]:
+    """llama-server and vLLM on the default model's file where installed; a note in
+    `args.skipped` for each one that is not."""
+    from shoal.model_source import resolve_model
+
+    gguf = resolve_model(None).path
+    specs = []
+    llama = find_llama_server(args.llama_server)
+    if llama is None:
+        args.skipped.append(
+            "llama-server: not found (benchmarks/setup_llama_cpp.sh builds it into "
+            f"{os.path.dirname(DEFAULT_LLAMA_SERVER)}; or --llama-server PATH)"
+        )
+    else:
+        # The issue-23 setup: 64 slots of continuous batching, --llama-threads (2: both
+        # cores), 256 tokens of context per slot (128 in + 128 out), no web UI.
+        specs.append(
+            ServerSpec(
+                "llama-1",
+                "llama",
+                f"llama-server ({os.path.basename(gguf)}, -np 64 -t {args.llama_threads})",
+                1,
+                list(workloads),
+                [
+                    llama,
+                    "-m",
+                    gguf,
+                    "--alias",
+                    "SmolLM2-135M-Instruct",
+                    "-np",
+                    "64",
+                    "-c",
+                    str(64 * 256),
+                    "-t",
+                    str(args.llama_threads),
+                    "--cont-batching",
+                    "--no-webui",
+                ],
+            )
+        )
+    if importlib.util.find_spec("vllm") is None:
+        args.skipped.append("vLLM: not installed (pip install vllm's CPU build to add its row)")
+    else:
+        specs.append(
+            ServerSpec(
+                "vllm-1",
+                "vllm",
+                f"vLLM ({os.path.basename(gguf)}, bfloat16)",
+                1,
+                list(workloads),
+                [
+                    sys.executable,
+                    "-m",
+                    "vllm.entrypoints.cli.main",
+                    "serve",
+                    gguf,
+                    "--served-model-name",
+                    "SmolLM2-135M-Instruct",
+                    "--dtype",
+                    "bfloat16",
+                    "--tokenizer",
+                    "HuggingFaceTB/SmolLM2-135M-Instruct",
+                ],
+                startup_timeout_s=600.0,
+            )
+        )
+    return specs
+
+
 def server_argv(spec: ServerSpec, host: str, port: int) -> list[str]:
+    if spec.kind in ("llama", "vllm"):
+        return [*spec.extra_args, "--host", host, "--port", str(port)]
     if spec.kind == "bare":
         script = os.path.join(REPO, "benchmarks", "bare_uvicorn.py")
         return [
@@ -337,7 +438,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="more `shoal serve` flags for every shoal server, e.g. '--max-num-batched-tokens 512'",
     )
-    p.add_argument("--only", default=None, help="servers to run: bare, tiny, default, tiny-2, ...")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="servers to run: bare, tiny, default, float32, int8, gguf, llama, vllm, tiny-2, ...",
+    )
+    p.add_argument(
+        "--llama-server",
+        default=None,
+        help=f"llama.cpp's llama-server (default: $LLAMA_SERVER, {DEFAULT_LLAMA_SERVER} or "
+        "PATH's; its row is skipped with a note when none is found)",
+    )
+    p.add_argument(
+        "--llama-threads",
+        type=int,
+        default=2,
+        help="llama-server's -t (default 2, issue 23's setup: both cores; on 2 cores its "
+        "spinning threads then share them with the load generator)",
+    )
     p.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--concurrency", default=None, help="workloads to run, e.g. 1,64")
@@ -354,7 +472,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="before each workload, wait until other work uses less than this",
     )
     p.add_argument("--quiet-timeout", type=float, default=300.0, help="...but at most this long")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.skipped = []
+    return args
+
+
+def anchor_ratios(report: dict[str, Any]) -> list[str]:
+    """shoal with no flags against llama-server and vLLM, workload by workload (issue 23's
+    targets: c=1 >= 2x llama-server's tok/s and TTFT p50 <= 0.5x; c=16 and 64 >= 4x both)."""
+    by_name = {s["name"]: s for s in report["servers"]}
+    shoal = by_name.get("default-1")
+    lines = ["## shoal (no flags) against llama-server and vLLM", ""]
+    lines += [f"- skipped: {note}" for note in report.get("skipped", [])]
+    if shoal is None:
+        return [*lines, "", "(no default-1 run)"]
+    rows = []
+    for anchor in ("llama-1", "vllm-1"):
+        other = by_name.get(anchor)
+        if other is None:
+            continue
+        theirs = {w["workload"]["concurrency"]: w["summary"] for w in other.get("workloads", [])}
+        for w in shoal.get("workloads", []):
+            c, ours = w["workload"]["concurrency"], w["summary"]
+            if c not in theirs:
+                continue
+            t = theirs[c]
+            tput = (
+                ours["output_throughput"] / t["output_throughput"] if t["output_throughput"] else 0
+            )
+            ttft = ours["median_ttft_ms"] / t["median_ttft_ms"] if t["median_ttft_ms"] else 0
+            rows.append(
+                f"| {anchor} | {c} | {ours['output_throughput']:.0f} / {t['output_throughput']:.0f} "
+                f"| {tput:.2f}x | {ours['median_ttft_ms']:.0f} / {t['median_ttft_ms']:.0f} "
+                f"| {ttft:.2f}x | {ours['failed']} / {t['failed']} |"
+            )
+    if rows:
+        lines += [
+            "",
+            "| anchor | c | out tok/s shoal / anchor | ratio | TTFT p50 ms shoal / anchor | ratio "
+            "| failed shoal / anchor |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,15 +536,20 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "servers": [],
         }
-        for spec in plan(args, tiny_dir):
+        specs = plan(args, tiny_dir)
+        report["skipped"] = args.skipped
+        for note in args.skipped:
+            print(f"skipped: {note}", flush=True)
+        for spec in specs:
             report["servers"].append(run_server(args, spec, run_dir))
     json_path = os.path.join(out_dir, f"serving-{stamp}.json")
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(json_safe(report), f, indent=2)
     md_path = os.path.join(out_dir, f"serving-{stamp}.md")
+    markdown = "\n".join([markdown_report(report), "", *anchor_ratios(report), ""])
     with open(md_path, "w", encoding="utf-8") as f:
-        f.write(markdown_report(report))
-    print(markdown_report(report))
+        f.write(markdown)
+    print(markdown)
     print(f"written: {json_path}, {md_path} (logs and profiles in {run_dir})")
     return 0
 

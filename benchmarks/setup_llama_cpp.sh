@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Optional: build llama.cpp's `llama-perplexity` and `llama-tokenize` for benchmarks/quality.py,
-# from the llama.cpp source vendored in the llama-cpp-python 0.3.36 sdist (the same source as the
+# Optional: build llama.cpp's `llama-perplexity` and `llama-tokenize` for benchmarks/quality.py
+# and `llama-server` for benchmarks/run_serving.py's llama-server rows, from the llama.cpp source vendored in the llama-cpp-python 0.3.36 sdist (the same source as the
 # llama-server of issue 23). Everything goes outside the repository: nothing of llama.cpp is
 # committed.
 #
@@ -9,6 +9,8 @@
 #
 # Then: .venv/bin/python benchmarks/quality.py \
 #           --llama-perplexity /tmp/llama.cpp-build/build/bin/llama-perplexity
+#       .venv/bin/python benchmarks/run_serving.py --only default,llama \
+#           --llama-server /tmp/llama.cpp-build/build/bin/llama-server
 # Needs pip (PyPI), cmake and a C++ compiler; takes ~5-10 minutes on 2 cores.
 set -euo pipefail
 
@@ -37,18 +39,20 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
     tar -xzf "$SDIST" -C "$BUILD_DIR" "llama_cpp_python-$VERSION/vendor/llama.cpp"
 fi
 
-# CPU only, tuned for this host (GGML_NATIVE), no network features, only the two tools.
+# CPU only, tuned for this host (GGML_NATIVE), no network features (no HTTPS, no web UI
+# download), only the three tools.
 cmake -S "$SRC" -B "$BUILD_DIR/build" \
     -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON \
     -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_SERVER=ON \
+    -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_BUILD_TOOLS=ON
 cmake --build "$BUILD_DIR/build" --config Release -j "$JOBS" \
-    --target llama-perplexity llama-tokenize
+    --target llama-perplexity llama-tokenize llama-server
 
-echo "built: $BUILD_DIR/build/bin/llama-perplexity and $BUILD_DIR/build/bin/llama-tokenize"
+echo "built: $BUILD_DIR/build/bin/llama-perplexity, llama-tokenize and llama-server"

@@ -108,7 +108,10 @@ class LLM:
 
     `model` is a Hugging Face directory or a .gguf file (None = the embedded default model);
     the other arguments are `shoal.config` settings, `**kwargs` any further ones by field
-    name (`enable_chunked_prefill`, `served_model_name`, ...)."""
+    name (`enable_chunked_prefill`, `served_model_name`, ...). `quantization="auto"` (the
+    default, as `shoal serve`'s) runs a GGUF model of 4-bit linears in gguf mode (perplexity
+    +0.44% vs float32 on the default model) and anything else unquantized;
+    `quantization="none"` (or None) is the exact float32 path."""
 
     def __init__(
         self,

@@ -73,9 +73,13 @@ def load_model(
 ) -> LlamaForCausalLM:
     """The model with weights from `source` per `config.load_format` ("auto" follows the
     source's format; "dummy" = random weights drawn from `config.seed`), quantized per
-    `config.quantization`. Shows progress on stderr and logs the duration. `ValueError` on a
+    `config.quantization` ("auto" resolved by shoal.model.mode). Shows progress on stderr and logs the duration. `ValueError` on a
     format mismatch, missing weights or an unsupported quantization."""
     start = time.perf_counter()
+    if config.quantization == "auto":  # an engine resolves it first (resolve_engine_mode)
+        from shoal.model.mode import resolve_mode
+
+        config, _ = resolve_mode(config, source, device, dtype)
     quantization = config.quantization
     if quantization and (device.type != "cpu" or dtype != torch.float32):
         raise ValueError(f"--quantization: {quantization} needs --device cpu and --dtype float32")

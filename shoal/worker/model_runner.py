@@ -18,6 +18,7 @@ from shoal.model.attention import AttentionMetadata, build_attention_metadata
 from shoal.model.fused_decode import FusedDecode
 from shoal.model.greedy_head import GreedyHead
 from shoal.model.loader import load_model, resolve_device, resolve_dtype
+from shoal.model.mode import resolve_engine_mode
 from shoal.model_source import resolve_model
 from shoal.openmp_policy import FRONTEND_BUSY_TOKENS_PER_S
 from shoal.worker import huge_pages
@@ -82,6 +83,8 @@ class ModelRunner:
             if native.load() is not None:
                 logger.info("native kernels: %s", native.loaded_variant())
         source = resolve_model(config.model.model)
+        # --quantization auto made concrete for this model and CPU, logged once.
+        self.config = config = resolve_engine_mode(config, source, self.device, self.dtype)
         self.arch: ArchConfig = arch_from_source(source)
         self.max_model_len = _max_model_len(config.model.max_model_len, self.arch)
         self.vocab_size = self.arch.vocab_size

@@ -72,7 +72,14 @@ def llm() -> LLM:
     # One engine for the whole module (loading is the slow part), sized so that a 32-token step
     # budget chunks every prompt longer than 32 tokens, and 24 KV blocks (384 token slots)
     # cannot hold the 10-prompt batch at once, so the batch preempts and recomputes.
-    return LLM(dtype="float32", num_blocks=24, max_num_batched_tokens=32, max_num_seqs=10)
+    # The exact path, pinned: with no flags the default model runs in gguf mode.
+    return LLM(
+        dtype="float32",
+        quantization="none",
+        num_blocks=24,
+        max_num_batched_tokens=32,
+        max_num_seqs=10,
+    )
 
 
 def _token_prompts(prompts: list[list[int]]) -> list[dict[str, list[int]]]:

@@ -162,6 +162,16 @@ def test_prefix_cache_hits_on_repeat(llm: LLM) -> None:
     assert out.num_cached_tokens >= 16
 
 
+def test_default_mode_is_auto_and_resolves_to_float32_on_an_hf_dir(llm: LLM) -> None:
+    """`LLM()` takes `shoal serve`'s default, auto; the engine makes it concrete: a Hugging
+    Face directory (the tiny model) has no 4-bit weights, so the exact float32 path runs."""
+    assert llm.config.model.quantization == "auto"
+    runner = llm.engine.engine_core.model_runner
+    assert runner.config.model.quantization is None
+    assert str(runner.kv_dtype) == "torch.float32"
+    assert build_config(quantization="none").model.quantization is None
+
+
 def test_config_settings() -> None:
     config = build_config(model="m", block_size=32, max_num_seqs=3, enable_chunked_prefill=False)
     assert config.cache.block_size == 32 and config.scheduler.max_num_seqs == 3

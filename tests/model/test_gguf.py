@@ -44,7 +44,8 @@ def test_default_model_logits_match_transformers_gguf() -> None:
 
     source = resolve_model(None)
     arch = arch_from_source(source)
-    model = load_model(ModelConfig(), source, arch, 64, torch.float32, torch.device("cpu"))
+    config = ModelConfig(quantization="none")  # the exact path (no flags: gguf mode)
+    model = load_model(config, source, arch, 64, torch.float32, torch.device("cpu"))
     driver = PagedDriver(model, arch, num_blocks=4, block_size=16)
     driver.add("p", PROMPT)
     ours = driver.step({"p": len(PROMPT)})["p"]

@@ -161,7 +161,9 @@ def test_quantization_flag_validation(tmp_path) -> None:
 
     parser = argparse.ArgumentParser()
     add_model_args(parser)
-    assert parser.parse_args([]).quantization is None
+    assert parser.parse_args([]).quantization == "auto"
+    assert parser.parse_args(["--quantization", "none"]).quantization == "none"
+    assert ModelConfig(quantization="none").quantization is None
     assert parser.parse_args(["--quantization", "int8"]).quantization == "int8"
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "fp8"])

@@ -70,8 +70,9 @@ def test_flags_reach_the_config() -> None:
     )
     assert (config.model.load_format, config.model.seed) == ("dummy", 7)
     assert (config.model.served_model_name, config.model.tokenizer) == ("x", "/t")
-    assert config.model.quantization is None
+    assert config.model.quantization == "auto"  # engines resolve it (shoal/model/mode.py)
     assert config_from_args(_parse("--quantization", "int8")).model.quantization == "int8"
+    assert config_from_args(_parse("--quantization", "none")).model.quantization is None
     assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (4, 64)
     assert (config.cache.block_size, config.cache.num_blocks) == (8, 20)
     assert config.cache.kv_cache_memory_bytes == 1000

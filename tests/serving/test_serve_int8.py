@@ -15,6 +15,7 @@ from tests.serving.conftest import ServeProcess
 def test_serve_with_int8_linears(serve: Callable[..., ServeProcess]) -> None:
     server = serve("--quantization", "int8")
     assert server.url is not None
+    server.wait_for_log(r"EngineCore_0.*mode: int8 \(--quantization int8\)", timeout_s=30)
     server.wait_for_log(r"EngineCore_0.*\+ int8 linears", timeout_s=30)
     server.wait_for_log(r"EngineCore_0.*KV cache: .* MiB \(float16\)", timeout_s=30)
     model = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
