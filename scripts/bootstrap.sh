@@ -31,3 +31,43 @@ fi
 # Which kernel level this CPU loads. Not fatal: without a compiler shoal runs on torch ops and
 # only --quantization int8 / gguf are unavailable.
 python -m shoal.native || echo "bootstrap: native kernels unavailable; continuing without them" >&2
+# The native frontend (`shoal serve --frontend rust`, docs/native-frontend.md): built offline
+# against Debian's packaged crates when cargo is present. Not fatal: the Python frontend
+# needs none of it. From frontend-rs/ itself, where cargo reads .cargo/config.toml (offline,
+# /usr/share/cargo/registry as the only source).
+RUST_CRATES="librust-tokio-dev librust-hyper-dev librust-zmq-dev librust-rmp-serde-dev
+    librust-serde-json-dev librust-clap-dev librust-fancy-regex-dev librust-serde-dev
+    librust-libc-dev librust-bytes-dev librust-futures-util-dev librust-regex-dev
+    librust-regex-syntax-dev librust-rmp-dev librust-indexmap-dev
+    librust-unicode-normalization-dev libzmq3-dev"
+rust_crates_missing() {
+    local statuses
+    # shellcheck disable=SC2086  # one word per package
+    ! statuses=$(dpkg-query -W -f='${db:Status-Status}\n' $RUST_CRATES 2>/dev/null) \
+        || printf '%s\n' "$statuses" | grep -qvx installed
+}
+# rustup's cargo (this image's) may sit outside PATH in a non-login shell.
+command -v cargo >/dev/null || PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin:/root/.cargo/bin"
+if ! command -v cargo >/dev/null; then
+    echo "bootstrap: cargo not found; the native frontend (--frontend rust) is not built" \
+        "(install Debian's cargo, then rerun this script)" >&2
+else
+    if ! rust_crates_missing; then
+        :  # all installed: skip apt-get (seconds of CI time)
+    elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        # shellcheck disable=SC2086  # one word per package
+        (apt-get install -y -q --no-install-recommends $RUST_CRATES >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 \
+                && apt-get install -y -q --no-install-recommends $RUST_CRATES >/dev/null 2>&1; }) \
+            || echo "bootstrap: could not install Debian's Rust crates with apt-get;" \
+                "the frontend build below may fail" >&2
+    else
+        echo "bootstrap: some of Debian's Rust crates are missing and this is not root with" \
+            "apt-get: install" $RUST_CRATES "as root for the native frontend" >&2
+    fi
+    echo "bootstrap: building the native frontend (cd frontend-rs && cargo build --release)" >&2
+    if ! (cd frontend-rs && cargo build --release -q); then
+        echo "bootstrap: the native frontend did not build (see cargo's errors above);" \
+            "--frontend rust is unavailable, --frontend python (the default) is not affected" >&2
+    fi
+fi

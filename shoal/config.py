@@ -17,7 +17,14 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("cpu", "cuda", "auto")
 # Weight quantizations applied at load (None = weights kept in `dtype`).
 QUANTIZATIONS = ("int8", "gguf")
+# `--quantization` values: "auto" (the default) is resolved by each engine when it loads the
+# model (shoal/model/mode.py: gguf for a GGUF file of 4-bit linears where the native kernels
+# load, else none); "none" = weights kept in `dtype`, the exact path.
+QUANTIZATION_CHOICES = ("auto", "none", *QUANTIZATIONS)
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# What serves HTTP: the Python API servers, or the native `shoal-frontend` binary
+# (docs/native-frontend.md).
+FRONTENDS = ("python", "rust")
 # KV cache storage: "auto" = the model's dtype, except float16 for float32 models with quantized
 # weights (see `kv_cache_torch_dtype`); "float16" halves the bytes attention reads.
 KV_CACHE_DTYPES = ("auto", "float32", "float16")
@@ -45,18 +52,21 @@ class ModelConfig:
     # "int8": every Linear of the layers and the LM head as int8 (per-output-channel weight
     # scales, per-token activation scales; CPU float32 only). "gguf": a GGUF model's 4-bit
     # Linear weights kept as its 4-bit blocks (the LM head int8; CPU float32 only).
-    # None = unquantized.
-    quantization: str | None = None
+    # None (or "none", stored as None) = unquantized, the exact path. "auto" = chosen by the
+    # engine at load time (shoal.model.mode.resolve_mode): "gguf" where it qualifies, else None.
+    quantization: str | None = "auto"
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "--dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization == "none":
+            object.__setattr__(self, "quantization", None)
         _check(
-            self.quantization is None or self.quantization in QUANTIZATIONS,
+            self.quantization is None or self.quantization in QUANTIZATION_CHOICES,
             "--quantization",
-            f"must be one of {QUANTIZATIONS} or None, got {self.quantization!r}",
+            f"must be one of {QUANTIZATION_CHOICES} or None, got {self.quantization!r}",
         )
         _check(
-            self.quantization is None
+            self.quantization in (None, "auto")
             or (self.dtype in ("float32", "auto") and self.device in ("cpu", "auto")),
             "--quantization",
             f"{self.quantization} needs --dtype float32 and --device cpu",
@@ -322,6 +332,8 @@ class ServerConfig:
     # (shoal.processing.tool_parsers.TOOL_PARSERS); both or neither.
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    # One of FRONTENDS: "rust" runs one native process in place of the API servers.
+    frontend: str = "python"
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "--port", f"must be in [0, 65535], got {self.port}")
@@ -382,6 +394,30 @@ class ServerConfig:
             "needs every engine on this host (tensors travel through shared memory)",
         )
         self._check_tool_flags()
+        self._check_frontend()
+
+    def _check_frontend(self) -> None:
+        _check(
+            self.frontend in FRONTENDS,
+            "--frontend",
+            f"must be one of {FRONTENDS}, got {self.frontend!r}",
+        )
+        if self.frontend != "rust" or self.scale_out.headless:  # a headless host has none
+            return
+        # The binary binds concrete engine addresses and cannot report a tcp://h:0 port
+        # back, nor speak CURVE: v1 serves engines on this host only.
+        _check(
+            self.scale_out.data_parallel_backend == "mp"
+            and self.scale_out.local_engines(self.data_parallel_size) == self.data_parallel_size,
+            "--frontend",
+            "rust serves engines on this host only (no --data-parallel-backend ray, "
+            "no --data-parallel-size-local below --data-parallel-size); use --frontend python",
+        )
+        _check(
+            not self.enable_prompt_embeds,
+            "--frontend",
+            "rust does not take --enable-prompt-embeds; use --frontend python",
+        )
 
     def _check_tool_flags(self) -> None:
         from shoal.processing.tool_parsers import TOOL_PARSERS  # stdlib only

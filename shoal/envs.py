@@ -54,7 +54,7 @@ class Envs:
     do_not_track: bool
     config_root: str
     usage_stats_server: str | None
-    # Path of the native frontend binary ("" = the one built in native/).
+    # Path of the native frontend binary ("" = frontend-rs/target/release, else PATH).
     rust_frontend_path: str
     # HTTP keep-alive seconds for API servers.
     http_timeout_keep_alive_s: float

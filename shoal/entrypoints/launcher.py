@@ -7,7 +7,8 @@ Start-up order (docs/architecture.md, "Start-up"):
     or Ray actors (--data-parallel-backend ray), and the port --headless hosts join
     (--data-parallel-size-local < M); with engines elsewhere every engine socket is TCP
     (docs/scale-out.md)
- 3. N API servers on the inherited socket; gather the ZMQ addresses they bound
+ 3. N API servers on the inherited socket; gather the ZMQ addresses they bound (--frontend
+    rust: one native `RustFrontend` process on concrete IPC addresses instead)
  4. hand the addresses to the engines; wait for every engine's READY (deadline)
  5. log "shoal is ready at http://host:port"; wait_for_completion_or_failure (with
     --restart-dead-engines its `EngineRestartPolicy` replaces an engine that exits)
@@ -34,6 +35,12 @@ from shoal.engine.manager import CoreEngineProcManager
 from shoal.logger import init_logger
 from shoal.model_source import resolve_model
 from shoal.runtime.addresses import remove_ipc_run_dir, unlink_ipc_address
+from shoal.runtime.frontend import (
+    RustFrontendProcessManager,
+    find_frontend_binary,
+    native_frontend_args,
+)
+from shoal.runtime.managers import ProcessManager
 from shoal.runtime.restart import EngineRestartPolicy
 from shoal.runtime.tensor_queue import TensorQueue
 from shoal.utils import (
@@ -100,7 +107,9 @@ class _Children:
         self.engines: Any | None = None
         self.remote: HeadlessHosts | None = None  # engines joining from --headless hosts
         self.ray: Any | None = None  # RayConnection (--data-parallel-backend ray)
-        self.api_servers: APIServerProcessManager | None = None
+        # The API servers, or the native frontend (--frontend rust): watched and shut down
+        # alike.
+        self.api_servers: ProcessManager | None = None
         self.ipc_addresses: list[str] = []
         self.tensor_queue: TensorQueue | None = None
 
@@ -140,9 +149,12 @@ class _Children:
 def run_serve(config: ShoalConfig, server: ServerConfig) -> int:
     """Run `shoal serve` until SIGINT / SIGTERM (exit 0) or a child's death (exit 1, the
     child named in the log): the engines with `config`, everything else with `server` (both
-    built and validated from the flags by shoal.entrypoints.serve_args). A missing model
-    raises `FileNotFoundError` (the CLI turns it into exit 2)."""
-    resolve_model(config.model.model)  # fail before starting anything
+    built and validated from the flags by shoal.entrypoints.serve_args). A missing model,
+    or a missing native frontend binary with --frontend rust, raises `FileNotFoundError`
+    (the CLI turns it into exit 2) before anything starts."""
+    # Fail before starting anything.
+    binary = find_frontend_binary() if server.frontend == "rust" else None
+    resolve_model(config.model.model)
     try:
         sock = bind_listen_socket(server.host, server.port)
     except OSError as e:
@@ -152,18 +164,22 @@ def run_serve(config: ShoalConfig, server: ServerConfig) -> int:
     host = f"[{server.host}]" if ":" in server.host else server.host
     _SignalState.install()
     try:
-        return _serve(config, server, sock, f"http://{host}:{port}")
+        return _serve(config, server, sock, f"http://{host}:{port}", binary)
     except ShutdownRequested:  # a signal that landed in an except block: still a clean stop
         return 0
 
 
 def _serve(
-    config: ShoalConfig, server: ServerConfig, sock: socket.socket, listen_address: str
+    config: ShoalConfig,
+    server: ServerConfig,
+    sock: socket.socket,
+    listen_address: str,
+    binary: str | None,
 ) -> int:
     children = _Children()
     restart_policy = EngineRestartPolicy.for_server(server)
     try:
-        _start(config, server, restart_policy, sock, listen_address, children)
+        _start(config, server, restart_policy, sock, listen_address, children, binary)
         _SignalState.serving = True
         logger.info("shoal is ready at %s", listen_address)
         wait_for_completion_or_failure(
@@ -205,8 +221,11 @@ def _start(
     sock: socket.socket,
     listen_address: str,
     children: _Children,
+    binary: str | None,
 ) -> None:
-    num_engines, num_api_servers = server.data_parallel_size, server.api_server_count
+    """Start every child (steps 2-4 of the module docstring); `binary`: the native
+    frontend's path with --frontend rust, else None (the API servers)."""
+    num_engines = server.data_parallel_size
     ready_timeout_s = server.ready_timeout_s
     scale_out = server.scale_out
     num_local = scale_out.local_engines(num_engines)
@@ -227,10 +246,36 @@ def _start(
         children.tensor_queue = TensorQueue(num_engines)
     coordinator_address = children.coordinator.load_address if children.coordinator else None
     _start_engines(config, server, restart_policy, children, coordinator_address)
+    if binary is None:
+        actual_inputs, actual_outputs = _start_api_servers(
+            server, sock, listen_address, children, is_local, engine_host
+        )
+    else:
+        actual_inputs, actual_outputs = _start_native_frontend(server, sock, children, binary)
+    # Every API server holds its own copy of the listening socket by now. Closing ours means
+    # that once they stop accepting (shutdown), new connections are refused, not queued.
+    sock.close()
+    children.ipc_addresses += actual_inputs + actual_outputs
+    if children.remote is not None:
+        children.remote.set_addresses(actual_inputs, actual_outputs, coordinator_address)
+    _handshake_engines(children, actual_inputs, actual_outputs, ready_timeout_s)
+
+
+def _start_api_servers(
+    server: ServerConfig,
+    sock: socket.socket,
+    listen_address: str,
+    children: _Children,
+    is_local: bool,
+    engine_host: str,
+) -> tuple[list[str], list[str]]:
+    """--api-server-count API servers on `sock` (`children.api_servers`); returns the
+    (input, output) addresses they bound, one pair per server."""
+    num_api_servers = server.api_server_count
     inputs = [get_engine_client_zmq_addr(is_local, engine_host) for _ in range(num_api_servers)]
     outputs = [get_engine_client_zmq_addr(is_local, engine_host) for _ in range(num_api_servers)]
     children.ipc_addresses = inputs + outputs
-    children.api_servers = APIServerProcessManager(
+    api_servers = APIServerProcessManager(
         listen_address,
         sock,
         server,
@@ -242,14 +287,39 @@ def _start(
             children.coordinator.stats_update_address if children.coordinator else None
         ),
     )
-    actual_inputs, actual_outputs = children.api_servers.gather_actual_addresses(ready_timeout_s)
-    # Every API server holds its own copy of the listening socket by now. Closing ours means
-    # that once they stop accepting (shutdown), new connections are refused, not queued.
-    sock.close()
-    children.ipc_addresses += actual_inputs + actual_outputs
-    if children.remote is not None:
-        children.remote.set_addresses(actual_inputs, actual_outputs, coordinator_address)
-    _handshake_engines(children, actual_inputs, actual_outputs, ready_timeout_s)
+    children.api_servers = api_servers
+    return api_servers.gather_actual_addresses(server.ready_timeout_s)
+
+
+def _start_native_frontend(
+    server: ServerConfig, sock: socket.socket, children: _Children, binary: str
+) -> tuple[list[str], list[str]]:
+    """One `RustFrontend` process (`binary`) on `sock` in place of the API servers
+    (`children.api_servers`); returns its one (input, output) address pair. Engines are all
+    local (ServerConfig refuses others with --frontend rust), so the addresses are concrete
+    IPC paths the binary binds as given."""
+    if server.api_server_count > 1:
+        logger.info(
+            "--frontend rust: one native process serves every connection; "
+            "--api-server-count %d is ignored",
+            server.api_server_count,
+        )
+    inputs = [get_engine_client_zmq_addr(True, server.host)]
+    outputs = [get_engine_client_zmq_addr(True, server.host)]
+    children.ipc_addresses = inputs + outputs
+    coordinator = children.coordinator
+    children.api_servers = RustFrontendProcessManager(
+        binary,
+        sock,
+        native_frontend_args(server),
+        inputs[0],
+        outputs[0],
+        engine_start_index=0,
+        engine_count=server.data_parallel_size,
+        data_parallel_size=server.data_parallel_size,
+        stats_update_address=coordinator.stats_update_address if coordinator else None,
+    )
+    return inputs, outputs
 
 
 def _start_engines(

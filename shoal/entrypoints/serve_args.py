@@ -15,6 +15,7 @@ from typing import Any
 from shoal import envs
 from shoal.config import (
     DATA_PARALLEL_BACKENDS,
+    FRONTENDS,
     RAY_PLACEMENT_STRATEGIES,
     UVICORN_LOG_LEVELS,
     CacheConfig,
@@ -143,6 +144,14 @@ def _add_server_args(g: argparse._ArgumentGroup) -> None:
 
 def _add_frontend_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
+        "--frontend",
+        choices=FRONTENDS,
+        default=_default(ServerConfig, "frontend"),
+        help="what serves HTTP: python = --api-server-count API-server processes; rust = one "
+        "native shoal-frontend process (built by scripts/bootstrap.sh, or `cd frontend-rs && "
+        "cargo build --release`; docs/native-frontend.md) (default: %(default)s)",
+    )
+    g.add_argument(
         "--enable-prompt-embeds",
         action="store_true",
         default=_default(ServerConfig, "enable_prompt_embeds"),
@@ -237,6 +246,7 @@ def _frontend_fields(args: argparse.Namespace) -> dict[str, Any]:
         "allow_credentials": getattr(args, "allow_credentials", False),
         "chat_template": load_chat_template(getattr(args, "chat_template", None)),
         "access_log": getattr(args, "access_log", False),
+        "frontend": getattr(args, "frontend", "python"),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,14 @@ from shoal.runtime.procs import _SubprocessWrapper, run_on_stable_thread
 logger = init_logger(__name__)
 
 FRONTEND_PROCESS_NAME = "RustFrontend"
+BINARY_NAME = "shoal-frontend"
+# From the repository root. In frontend-rs/ itself, so that cargo reads its .cargo/config.toml
+# (offline, Debian's crates): cargo finds config from the working directory, not from
+# --manifest-path.
+BUILD_COMMAND = "cd frontend-rs && cargo build --release"
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Where `cargo build --release` in the repository's workspace puts the binary.
+WORKSPACE_BINARY = os.path.join(_REPO, "frontend-rs", "target", "release", BINARY_NAME)
 # Flags that describe the Python-side topology, not the frontend: never forwarded.
 EXCLUDED_ARGS = frozenset(
     {
@@ -148,9 +157,63 @@ def frontend_args_json(args: Any) -> str:
         payload[key] = value
     if "model_tag" not in payload and "model" in payload:
         payload["model_tag"] = payload["model"]
-    payload["engine_ready_timeout_secs"] = envs.ENVS.engine_ready_timeout_s
-    payload["http_timeout_keep_alive"] = envs.ENVS.http_timeout_keep_alive_s
+    payload.setdefault("engine_ready_timeout_secs", envs.ENVS.engine_ready_timeout_s)
+    payload.setdefault("http_timeout_keep_alive", envs.ENVS.http_timeout_keep_alive_s)
     return json.dumps(payload, sort_keys=True)
+
+
+def find_frontend_binary() -> str:
+    """The native frontend binary's path: $SHOAL_RUST_FRONTEND_PATH, else the workspace's
+    release build (frontend-rs/target/release/shoal-frontend), else `shoal-frontend` on
+    PATH. `FileNotFoundError` naming what to build when none is an executable file (or when
+    the variable names a path that is not one)."""
+    configured = envs.ENVS.rust_frontend_path
+    if configured:
+        if _is_executable(configured):
+            return os.path.abspath(configured)
+        raise FileNotFoundError(
+            f"--frontend rust: SHOAL_RUST_FRONTEND_PATH={configured!r} is not an executable "
+            f"file; build it with `{BUILD_COMMAND}` (or scripts/bootstrap.sh)"
+        )
+    if _is_executable(WORKSPACE_BINARY):
+        return WORKSPACE_BINARY
+    on_path = shutil.which(BINARY_NAME)
+    if on_path:
+        return on_path
+    raise FileNotFoundError(
+        f"--frontend rust: the native frontend is not built (no {WORKSPACE_BINARY}, no "
+        f"{BINARY_NAME} on PATH, SHOAL_RUST_FRONTEND_PATH unset); build it with "
+        f"`{BUILD_COMMAND}` (or scripts/bootstrap.sh)"
+    )
+
+
+def native_frontend_args(server: Any) -> dict[str, Any]:
+    """The launcher's `args` for the binary: every field of `server` (a `ServerConfig`) plus
+    what the binary cannot work out itself (docs/native-frontend.md, "--args-json"): the
+    resolved model and tokenizer paths, the served model name as the engines compute it,
+    the READY deadline in effect, the log level and shoal's version. `FileNotFoundError`
+    when the model (or --tokenizer) does not resolve."""
+    import shoal
+    from shoal.model_source import resolve_model
+
+    model = resolve_model(server.model)
+    tokenizer = resolve_model(server.tokenizer) if server.tokenizer else model
+    return {
+        **_fields(server),
+        "model_path": model.path,
+        "model_format": model.format,
+        "tokenizer_path": tokenizer.path,
+        "served_model_name": server.served_model_name or model.name,
+        # The seed namespace's name of shutdown_timeout_s, which the binary may read.
+        "shutdown_timeout": server.shutdown_timeout_s,
+        "engine_ready_timeout_secs": server.ready_timeout_s,
+        "logging_level": envs.ENVS.logging_level,
+        "version": shoal.__version__,
+    }
+
+
+def _is_executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def _fields(args: Any) -> dict[str, Any]:

@@ -19,24 +19,33 @@ from shoal.entrypoints.launcher import bind_listen_socket
 from shoal.entrypoints.serve_args import config_from_args
 from shoal.runtime.addresses import get_engine_client_zmq_addr
 from shoal.runtime.managers import APIServerProcessManager
-from tests.serving.conftest import TINY_FLAGS, ServeProcess, start_serve
+from tests.serving.conftest import TINY_FLAGS, ServeProcess, frontend_flags, start_serve
 
 TIMEOUT_S = 60.0
 
 
 @contextlib.contextmanager
-def running_server(model_dir: str, *flags: str, tiny: bool = True) -> Iterator[ServeProcess]:
+def running_server(
+    model_dir: str | None, *flags: str, tiny: bool = True, frontend: str = "python"
+) -> Iterator[ServeProcess]:
     """`shoal serve` on the tiny model for a whole test module (`tiny`: random weights and
-    TINY_FLAGS; else the checkpoint's own weights and only `flags`).
+    TINY_FLAGS; else the checkpoint's own weights and only `flags`; `model_dir` None: the
+    default model), its HTTP side served by
+    `frontend` ("python" or "rust": `frontend_flags`, which skips rust when not built).
 
     Its IPC directory lives under a private base, not the suite's: the per-test leak check
     fails on any socket file under the suite's base, and this server outlives single tests.
     On exit: SIGTERM, exit code 0, no process and no file left."""
+    extra_flags, env = frontend_flags(frontend)
     base = tempfile.mkdtemp(prefix="shoal-api-rpc-")
     saved = os.environ["SHOAL_RPC_BASE_PATH"]
     os.environ["SHOAL_RPC_BASE_PATH"] = base
     try:
-        server = start_serve([model_dir, *(TINY_FLAGS if tiny else []), *flags])
+        server = start_serve(
+            [*([model_dir] if model_dir else []), *(TINY_FLAGS if tiny else []), *flags]
+            + extra_flags,
+            env=env,
+        )
     finally:
         os.environ["SHOAL_RPC_BASE_PATH"] = saved
     try:
@@ -62,10 +71,11 @@ def metric(text: str, name: str, labels: str = "") -> float:
 
 
 def get_metrics(url: str) -> tuple[str, str]:
-    """(/metrics text, the API server that answered) over a fresh connection."""
+    """(/metrics text, the API server that answered: its `x-shoal-server` header, "" when
+    the answer has none) over a fresh connection."""
     response = httpx.get(f"{url}/metrics", timeout=TIMEOUT_S)
     response.raise_for_status()
-    return response.text, response.headers["x-shoal-server"]
+    return response.text, response.headers.get("x-shoal-server", "")
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> None:

@@ -4,6 +4,12 @@
 stdout merged) on a thread, and returns once the launcher logs "shoal is ready at <url>".
 `ServeProcess.stop()` sends a signal and waits; `kill_everything()` is the safety net that
 leaves no process of the run behind.
+
+Both frontends: a test that asks for the `frontend` fixture runs once per entry of FRONTENDS
+(`[python]`, `[rust]`); `frontend_flags(frontend)` gives the flags and environment of a
+server on it (the rust case skips with the build command when the binary is not built). A
+test of a feature the native frontend does not implement carries
+`@pytest.mark.python_only("why")`: its rust case skips, saying so.
 """
 
 from __future__ import annotations
@@ -31,6 +37,23 @@ STARTUP_TIMEOUT_S = 240.0
 # The official client's timeout in the module fixtures below.
 CLIENT_TIMEOUT_S = 60.0
 TINY_FLAGS = ["--load-format", "dummy", "--num-blocks", "256", "--max-model-len", "256"]
+# What `shoal serve --frontend` takes; the serving tests of the HTTP surface run on each.
+FRONTENDS = ("python", "rust")
+RUST_FRONTEND_BINARY = "shoal-frontend"
+
+
+def frontend_flags(frontend: str) -> tuple[list[str], dict[str, str]]:
+    """The extra flags and environment of a `shoal serve` whose HTTP side is `frontend`.
+    "rust": `--frontend rust` with SHOAL_RUST_FRONTEND_PATH set to the workspace's build
+    (tests/native_frontend/conftest.py::rust_binary, which skips when it is not built)."""
+    if frontend == "python":
+        return [], {}
+    if frontend != "rust":
+        raise ValueError(f"frontend: expected one of {FRONTENDS}, got {frontend!r}")
+    from tests.native_frontend.conftest import rust_binary
+
+    binary = rust_binary(RUST_FRONTEND_BINARY)
+    return ["--frontend", "rust"], {"SHOAL_RUST_FRONTEND_PATH": binary}
 
 
 class ServeProcess:
@@ -195,6 +218,30 @@ def start_serve(
     return server
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "python_only(reason): a feature the native frontend does not implement; the test's "
+        "[rust] case skips",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("python_only")
+    callspec = getattr(item, "callspec", None)
+    if marker is None or callspec is None or callspec.params.get("frontend") != "rust":
+        return
+    reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+    pytest.skip(f"python frontend only (docs/native-frontend.md): {reason}")
+
+
+@pytest.fixture(scope="module", params=FRONTENDS)
+def frontend(request: pytest.FixtureRequest) -> str:
+    """Which frontend serves HTTP (`shoal serve --frontend`): each test that asks for it
+    runs once per entry of FRONTENDS."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _resource_tracker_started_before_leak_checks() -> None:
     # Spawning a child starts multiprocessing's resource tracker, which lives as long as the
@@ -209,13 +256,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture
 def serve(tiny_model_dir: str) -> Iterator[Callable[..., ServeProcess]]:
-    """`serve(*flags, wait_ready=True, model=None)`: a `shoal serve` on the tiny model (or
-    `model`); stopped (and anything left killed) after the test."""
+    """`serve(*flags, wait_ready=True, model=None, frontend="python")`: a `shoal serve` on
+    the tiny model (or `model`) with `frontend` serving HTTP; stopped (and anything left
+    killed) after the test."""
     started: list[ServeProcess] = []
 
-    def _start(*flags: str, wait_ready: bool = True, model: str | None = None) -> ServeProcess:
-        argv = [model or tiny_model_dir, *TINY_FLAGS, *flags]
-        server = start_serve(argv, wait_ready=wait_ready)
+    def _start(
+        *flags: str, wait_ready: bool = True, model: str | None = None, frontend: str = "python"
+    ) -> ServeProcess:
+        extra_flags, env = frontend_flags(frontend)
+        argv = [model or tiny_model_dir, *TINY_FLAGS, *flags, *extra_flags]
+        server = start_serve(argv, wait_ready=wait_ready, env=env)
         started.append(server)
         return server
 

@@ -32,8 +32,8 @@ TOOL_AWARE = (
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
-    with running_server(tiny_model_dir) as server:
+def server(tiny_model_dir: str, frontend: str) -> Iterator[ServeProcess]:
+    with running_server(tiny_model_dir, frontend=frontend) as server:
         yield server
 
 

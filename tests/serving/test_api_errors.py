@@ -1,4 +1,7 @@
-"""Bad input over HTTP: OpenAI error bodies, status codes, the API key; no torch in the API server."""
+"""Bad input over HTTP: OpenAI error bodies, status codes, the API key; no torch in the API server.
+
+Runs against both frontends (`[python]`, `[rust]`); what is about the Python API-server
+process itself is marked python_only."""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
-    with running_server(tiny_model_dir, "--api-key", API_KEY) as server:
+def server(tiny_model_dir: str, frontend: str) -> Iterator[ServeProcess]:
+    with running_server(tiny_model_dir, "--api-key", API_KEY, frontend=frontend) as server:
         yield server
 
 
@@ -133,6 +136,7 @@ def test_detokenize_rejects_ids_outside_the_vocabulary(url: str) -> None:
     assert error["param"] == "tokens"
 
 
+@pytest.mark.python_only("about the ApiServer_i Python process; the native one has no Python")
 def test_the_api_server_process_never_loads_torch(server: ServeProcess) -> None:
     engine = server.child_named("EngineCore_0")
     api_server = server.child_named("ApiServer_0")

@@ -1,6 +1,8 @@
 """Issue 21's rough edges, end to end on one `shoal serve` (tiny model) with the official openai
 client: /v1/models/{id}, CORS, /health's body, n > 1 streamed one choice per chunk,
---chat-template, the access log, the periodic stats line and /v1/responses."""
+--chat-template, the access log, the periodic stats line and /v1/responses. On both
+frontends (`[python]`, `[rust]`); CORS, /v1/responses, prompt_embeds and the uvicorn-style
+access log line are python_only."""
 
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ GREEDY = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+def server(
+    tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory, frontend: str
+) -> Iterator[ServeProcess]:
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text(TEMPLATE)
     flags = ["--enable-access-log", "--chat-template", str(template)]
@@ -36,7 +40,7 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     saved = os.environ.get("SHOAL_LOG_STATS_INTERVAL_S")
     os.environ["SHOAL_LOG_STATS_INTERVAL_S"] = "0.5"
     try:
-        with running_server(tiny_model_dir, *flags) as server:
+        with running_server(tiny_model_dir, *flags, frontend=frontend) as server:
             yield server
     finally:
         if saved is None:
@@ -69,6 +73,7 @@ def test_health_has_no_body_labelled_json(url: str) -> None:
 # -- CORS --------------------------------------------------------------------------------------
 
 
+@pytest.mark.python_only("CORS: the native frontend has none (docs/native-frontend.md)")
 def test_preflight_is_answered_for_an_allowed_origin(url: str) -> None:
     response = httpx.options(
         f"{url}/v1/chat/completions",
@@ -87,6 +92,7 @@ def test_preflight_is_answered_for_an_allowed_origin(url: str) -> None:
     assert "authorization" in allowed and "content-type" in allowed
 
 
+@pytest.mark.python_only("CORS: the native frontend has none (docs/native-frontend.md)")
 @pytest.mark.parametrize(
     ("origin", "headers"),
     [("http://evil.example", "content-type"), (ORIGIN, "x-not-allowed")],
@@ -106,6 +112,7 @@ def test_preflight_refuses_other_origins_and_headers(url: str, origin: str, head
         assert "access-control-allow-origin" not in response.headers
 
 
+@pytest.mark.python_only("CORS: the native frontend has none (docs/native-frontend.md)")
 def test_cross_origin_responses_carry_cors_headers(url: str, model: str) -> None:
     response = httpx.post(
         f"{url}/v1/completions",
@@ -152,6 +159,7 @@ def test_chat_template_flag_renders_the_messages(url: str, model: str) -> None:
 # -- logs ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.python_only("the access log line is uvicorn's, from ApiServer_0")
 def test_access_log_and_stats_line(server: ServeProcess, client: openai.OpenAI, model: str) -> None:
     client.completions.create(model=model, prompt="Hello", max_tokens=4, extra_body=GREEDY)
     server.wait_for_log(r'\[ApiServer_0 [^\]]*\].*"POST /v1/completions HTTP/1.1" 200 ', TIMEOUT_S)
@@ -166,6 +174,7 @@ def test_access_log_and_stats_line(server: ServeProcess, client: openai.OpenAI, 
 # -- /v1/responses -----------------------------------------------------------------------------
 
 
+@pytest.mark.python_only("/v1/responses: the native frontend answers 400 naming it")
 def test_responses_create_with_a_string_and_instructions(client: openai.OpenAI, model: str) -> None:
     response = client.responses.create(
         model=model, input="Say hi.", instructions="Be brief.", max_output_tokens=5, temperature=0
@@ -191,6 +200,7 @@ def test_responses_create_with_a_string_and_instructions(client: openai.OpenAI, 
     assert response.usage.input_tokens == chat.usage.prompt_tokens  # type: ignore[union-attr]
 
 
+@pytest.mark.python_only("/v1/responses: the native frontend answers 400 naming it")
 def test_responses_message_list_and_incomplete_status(client: openai.OpenAI, model: str) -> None:
     response = client.responses.create(
         model=model,
@@ -209,6 +219,7 @@ def test_responses_message_list_and_incomplete_status(client: openai.OpenAI, mod
     assert response.usage is not None and response.usage.output_tokens == 3
 
 
+@pytest.mark.python_only("/v1/responses: the native frontend answers 400 naming it")
 def test_responses_stream_sends_openais_events(client: openai.OpenAI, model: str) -> None:
     kw = {"model": model, "input": "Tell me more.", "max_output_tokens": 6, "temperature": 0}
     full = client.responses.create(**kw)  # type: ignore[call-overload]
@@ -231,6 +242,7 @@ def test_responses_stream_sends_openais_events(client: openai.OpenAI, model: str
     assert deltas == full.output_text == events[-1].response.output_text  # type: ignore[union-attr]
 
 
+@pytest.mark.python_only("/v1/responses: the native frontend answers 400 naming it")
 def test_responses_stream_ends_without_done_marker(url: str, model: str) -> None:
     body = {"model": model, "input": "Hi", "max_output_tokens": 2, "stream": True}
     with httpx.stream("POST", f"{url}/v1/responses", json=body, timeout=TIMEOUT_S) as response:
@@ -239,6 +251,7 @@ def test_responses_stream_ends_without_done_marker(url: str, model: str) -> None
     assert json.loads(payloads[-1])["type"] in ("response.completed", "response.incomplete")
 
 
+@pytest.mark.python_only("/v1/responses: the native frontend answers 400 naming it")
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -266,6 +279,7 @@ def test_responses_bad_input_gets_400_naming_the_field(
     assert error["param"] == param, error
 
 
+@pytest.mark.python_only("the native frontend answers 400 naming prompt_embeds, not the flag")
 def test_prompt_embeds_without_the_flag_get_400(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(

@@ -1,6 +1,8 @@
 """Sampling controls, prompt scoring, best_of and /v1/embeddings over HTTP with the official
 openai client: `shoal serve` on a tiny random checkpoint, against references computed here
-with transformers on the same weights."""
+with transformers on the same weights. On both frontends (`[python]`, `[rust]`); what the
+native frontend answers 400 to (logit_bias, allowed_token_ids, bad_words, echo,
+prompt_logprobs, best_of, /v1/embeddings) is python_only."""
 
 from __future__ import annotations
 
@@ -42,11 +44,10 @@ def tokenizer(checkpoint: str) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: str) -> Iterator[ServeProcess]:
-    """The server runs the checkpoint's weights (no dummy load)."""
-    with running_server(
-        checkpoint, "--num-blocks", "256", "--max-model-len", "256", tiny=False
-    ) as server:
+def server(checkpoint: str, frontend: str) -> Iterator[ServeProcess]:
+    """The server runs the checkpoint's weights (no dummy load), on either frontend."""
+    flags = ["--num-blocks", "256", "--max-model-len", "256"]
+    with running_server(checkpoint, *flags, tiny=False, frontend=frontend) as server:
         yield server
 
 
@@ -73,6 +74,7 @@ def _complete(client: openai.OpenAI, model: str, **kwargs: Any):
     return client.completions.create(model=model, prompt=PROMPT, extra_body=extra, **fields)
 
 
+@pytest.mark.python_only("reads the penalties through logit_bias: 400 on the native frontend")
 def test_penalties_equal_the_hand_applied_reference(client, model, hf, tokenizer) -> None:
     """A random model rarely repeats itself: a logit bias makes one token win every step
     (a prompt token for the repetition penalty), and the penalties must break that."""
@@ -120,6 +122,7 @@ def test_penalties_equal_the_hand_applied_reference(client, model, hf, tokenizer
     assert chat.choices[0].message.content == tokenizer.decode([1781] * 4)
 
 
+@pytest.mark.python_only("logit_bias, allowed_token_ids: 400 on the native frontend")
 def test_logit_bias_and_allowed_token_ids(client, model, hf, tokenizer) -> None:
     bias = {"1781": 9.0, "260": 5.5}
 
@@ -153,6 +156,7 @@ def test_logit_bias_and_allowed_token_ids(client, model, hf, tokenizer) -> None:
     assert set(sampled.choices[0].logprobs.tokens or []) <= texts
 
 
+@pytest.mark.python_only("bad_words: 400 on the native frontend")
 def test_bad_words_are_not_generated(client, model, hf, tokenizer) -> None:
     first = reference(hf, PROMPT, max_tokens=1)[0]
     word = tokenizer.decode([first]).strip()
@@ -166,6 +170,7 @@ def _prompt_logprobs(hf, prompt: list[int]) -> torch.Tensor:
         return hf(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
 
 
+@pytest.mark.python_only("echo: 400 on the native frontend")
 def test_echo_with_logprobs_scores_the_prompt(client, model, hf, tokenizer) -> None:
     """max_tokens 0 + echo + logprobs: OpenAI's way to score a prompt."""
     reference_lp = _prompt_logprobs(hf, PROMPT)
@@ -199,6 +204,7 @@ def test_echo_with_logprobs_scores_the_prompt(client, model, hf, tokenizer) -> N
         assert c.logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-5)
 
 
+@pytest.mark.python_only("prompt_logprobs: 400 on the native frontend")
 def test_vllm_prompt_logprobs_field(url, model, hf) -> None:
     reference_lp = _prompt_logprobs(hf, PROMPT)
     body = {"model": model, "prompt": PROMPT, "max_tokens": 2, "prompt_logprobs": 1}
@@ -213,6 +219,7 @@ def test_vllm_prompt_logprobs_field(url, model, hf) -> None:
         assert 1 <= len(entry) <= 2
 
 
+@pytest.mark.python_only("prompt_logprobs: 400 on the native frontend")
 def test_chat_prompt_logprobs(client, model) -> None:
     chat = client.chat.completions.create(
         model=model,
@@ -226,6 +233,7 @@ def test_chat_prompt_logprobs(client, model) -> None:
     assert entries[0] is None and all(len(e) == 1 for e in entries[1:])
 
 
+@pytest.mark.python_only("best_of: 400 on the native frontend")
 def test_best_of_returns_the_most_likely(client, model) -> None:
     fields = {"max_tokens": 6, "temperature": 1.0, "seed": 11, "logprobs": 0}
     all_three = _complete(client, model, n=3, **fields).choices
@@ -260,6 +268,7 @@ def _reference_embedding(hf, prompt: list[int], pooling: str) -> np.ndarray:
     return torch.nn.functional.normalize(vector, dim=-1).numpy()
 
 
+@pytest.mark.python_only("/v1/embeddings: 400 on the native frontend")
 def test_embeddings_equal_the_reference(client, model, hf, tokenizer) -> None:
     texts = ["The quick brown fox", "jumps over the lazy dog, twice."]
     response = client.embeddings.create(model=model, input=texts)
@@ -285,6 +294,7 @@ def test_embeddings_equal_the_reference(client, model, hf, tokenizer) -> None:
     )
 
 
+@pytest.mark.python_only("/v1/embeddings: 400 on the native frontend")
 def test_embeddings_base64_is_float32_little_endian(url, model) -> None:
     body = {"model": model, "input": "hello", "encoding_format": "base64"}
     data = httpx.post(f"{url}/v1/embeddings", json=body, timeout=TIMEOUT_S).json()["data"]
@@ -292,6 +302,9 @@ def test_embeddings_base64_is_float32_little_endian(url, model) -> None:
     body["encoding_format"] = "float"
     floats = httpx.post(f"{url}/v1/embeddings", json=body, timeout=TIMEOUT_S).json()["data"]
     np.testing.assert_array_equal(vector, np.array(floats[0]["embedding"], dtype="<f4"))
+
+
+_NO_EMBEDDINGS = pytest.mark.python_only("/v1/embeddings: 400 on the native frontend")
 
 
 @pytest.mark.parametrize(
@@ -313,14 +326,23 @@ def test_embeddings_base64_is_float32_little_endian(url, model) -> None:
         ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),
         ("/v1/chat/completions", {"presence_penalty": 9}, "presence_penalty"),
         ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
-        ("/v1/embeddings", {"input": ""}, "input"),
-        ("/v1/embeddings", {"input": []}, "input"),
-        ("/v1/embeddings", {"input": [[]]}, "input"),
-        ("/v1/embeddings", {"input": [10**9]}, "input"),
-        ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format"),
-        ("/v1/embeddings", {"input": "x", "dimensions": 8}, "dimensions"),
-        ("/v1/embeddings", {"input": "x", "pooling": "max"}, "pooling"),
-        ("/v1/embeddings", {"input": 5}, "input"),
+        pytest.param("/v1/embeddings", {"input": ""}, "input", marks=_NO_EMBEDDINGS),
+        pytest.param("/v1/embeddings", {"input": []}, "input", marks=_NO_EMBEDDINGS),
+        pytest.param("/v1/embeddings", {"input": [[]]}, "input", marks=_NO_EMBEDDINGS),
+        pytest.param("/v1/embeddings", {"input": [10**9]}, "input", marks=_NO_EMBEDDINGS),
+        pytest.param(
+            "/v1/embeddings",
+            {"input": "x", "encoding_format": "hex"},
+            "encoding_format",
+            marks=_NO_EMBEDDINGS,
+        ),
+        pytest.param(
+            "/v1/embeddings", {"input": "x", "dimensions": 8}, "dimensions", marks=_NO_EMBEDDINGS
+        ),
+        pytest.param(
+            "/v1/embeddings", {"input": "x", "pooling": "max"}, "pooling", marks=_NO_EMBEDDINGS
+        ),
+        pytest.param("/v1/embeddings", {"input": 5}, "input", marks=_NO_EMBEDDINGS),
     ],
 )
 def test_bad_values_are_400_naming_the_field(url, model, path, fields, param) -> None:

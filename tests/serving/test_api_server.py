@@ -1,4 +1,7 @@
-"""The OpenAI API end to end: `shoal serve` (2 API servers, 1 engine, tiny model) + the openai client."""
+"""The OpenAI API end to end: `shoal serve` (2 API servers, 1 engine, tiny model) + the openai client.
+
+Every test runs against both frontends (`[python]`, `[rust]`: with --frontend rust the one
+native process serves every connection and --api-server-count is ignored)."""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
-    with running_server(tiny_model_dir, "--api-server-count", "2") as server:
+def server(tiny_model_dir: str, frontend: str) -> Iterator[ServeProcess]:
+    with running_server(tiny_model_dir, "--api-server-count", "2", frontend=frontend) as server:
         yield server
 
 
@@ -126,6 +129,7 @@ def test_stop_string_cuts_the_text(client: openai.OpenAI, model: str) -> None:
     assert "".join(c.choices[0].text for c in stream if c.choices) == expected
 
 
+@pytest.mark.python_only("echo: the native frontend answers 400 naming it")
 def test_echo_returns_the_prompt_first(client: openai.OpenAI, model: str) -> None:
     kwargs = {"model": model, "prompt": "Echo me", "max_tokens": 4, "temperature": 0}
     plain = client.completions.create(**kwargs, extra_body=NO_EOS).choices[0].text

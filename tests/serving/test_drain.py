@@ -1,8 +1,9 @@
 """SIGTERM with streams in flight: a drain that lets them finish, and a deadline that ends the
 rest with a final error event and `data: [DONE]` (docs/reliability.md, "Draining on SIGTERM").
 
-Real `shoal serve` processes on the tiny random-weight model (the suite's fixtures check that
-no process and no IPC socket file is left behind), and, in process, the ASGI app's backstop
+Real `shoal serve` processes on the tiny random-weight model, on both frontends (`[python]`,
+`[rust]`; the suite's fixtures check that no process and no IPC socket file is left behind),
+and, in process, the ASGI app's backstop
 for a request uvicorn cancels at the very end of the shutdown.
 """
 
@@ -143,8 +144,10 @@ def _sigterm(server: ServeProcess) -> float:
     return time.monotonic()
 
 
-def test_sigterm_lets_every_in_flight_stream_finish(serve: Callable[..., ServeProcess]) -> None:
-    server = serve("--shutdown-timeout", "60")
+def test_sigterm_lets_every_in_flight_stream_finish(
+    serve: Callable[..., ServeProcess], frontend: str
+) -> None:
+    server = serve("--shutdown-timeout", "60", frontend=frontend)
     assert server.url is not None
     max_tokens = 48
     clients = _Clients(server.url, n=4, max_tokens=max_tokens)
@@ -164,7 +167,7 @@ def test_sigterm_lets_every_in_flight_stream_finish(serve: Callable[..., ServePr
 
 
 def test_sigterm_past_the_deadline_ends_each_stream_with_an_error_event(
-    serve: Callable[..., ServeProcess],
+    serve: Callable[..., ServeProcess], frontend: str
 ) -> None:
     drain_s = 1.0
     # Requests far longer than the drain window: 2,000 tokens each (seconds of work each on
@@ -176,6 +179,7 @@ def test_sigterm_past_the_deadline_ends_each_stream_with_an_error_event(
         "2048",
         "--max-num-seqs",
         "2",
+        frontend=frontend,
     )
     assert server.url is not None
     url = server.url

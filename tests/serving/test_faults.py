@@ -1,5 +1,7 @@
 """`shoal serve` under faults: an engine killed mid-stream, SIGINT under load, an engine that
-cannot start, a signal during start-up. Real processes; nothing may be left behind."""
+cannot start, a signal during start-up. Real processes; nothing may be left behind. The
+tests of what the frontend sees (an engine's death, a drain) run on both frontends
+(`[python]`, `[rust]`)."""
 
 from __future__ import annotations
 
@@ -74,8 +76,8 @@ class Streams:
         return None
 
 
-def test_engine_killed_mid_stream(serve: Callable[..., ServeProcess]) -> None:
-    server = serve("--data-parallel-size", "2")
+def test_engine_killed_mid_stream(serve: Callable[..., ServeProcess], frontend: str) -> None:
+    server = serve("--data-parallel-size", "2", frontend=frontend)
     assert server.url is not None
     streams = Streams(server.url, n=4, max_tokens=200)
     streams.wait_first_chunks()
@@ -93,10 +95,11 @@ def test_engine_killed_mid_stream(serve: Callable[..., ServeProcess]) -> None:
 
 
 def test_sigint_under_load_drains_then_stops_everything(
-    serve: Callable[..., ServeProcess],
+    serve: Callable[..., ServeProcess], frontend: str
 ) -> None:
     shutdown_timeout_s = 60.0
-    server = serve("--api-server-count", "2", "--shutdown-timeout", str(shutdown_timeout_s))
+    flags = ["--api-server-count", "2", "--shutdown-timeout", str(shutdown_timeout_s)]
+    server = serve(*flags, frontend=frontend)
     assert server.url is not None
     streams = Streams(server.url, n=4, max_tokens=60)
     streams.wait_first_chunks()
@@ -136,10 +139,10 @@ def test_sigterm_during_start_up_stops_cleanly(serve: Callable[..., ServeProcess
 
 
 def test_sigint_with_short_drain_cuts_long_requests_off(
-    serve: Callable[..., ServeProcess],
+    serve: Callable[..., ServeProcess], frontend: str
 ) -> None:
     # One running sequence: 4 long streams take far longer than the 1 s drain window.
-    server = serve("--shutdown-timeout", "1", "--max-num-seqs", "1")
+    server = serve("--shutdown-timeout", "1", "--max-num-seqs", "1", frontend=frontend)
     assert server.url is not None
     streams = Streams(server.url, n=4, max_tokens=240)
     streams.wait_first_chunks(count=1)

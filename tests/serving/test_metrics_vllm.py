@@ -1,7 +1,8 @@
 """/metrics as vLLM's dashboards read it: `vllm:` names with `model_name` and `engine` labels,
 requests counted once whatever their n, the `?prefix=` switch, process metrics of every role,
 and the repository's Grafana dashboard naming only metrics a running server exports. One
-server: 2 API servers, 2 engines."""
+server: 2 API servers, 2 engines; on both frontends (`[python]`, `[rust]`: one native process
+in place of the API servers)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
+def server(tiny_model_dir: str, frontend: str) -> Iterator[ServeProcess]:
     flags = ("--api-server-count", "2", "--data-parallel-size", "2")
-    with running_server(tiny_model_dir, *flags) as server:
+    with running_server(tiny_model_dir, *flags, frontend=frontend) as server:
         yield server
 
 
@@ -167,10 +168,12 @@ def test_a_repeated_prompt_hits_the_prefix_cache(url: str, model: str) -> None:
     assert queries > 0 and 0 < hits < queries
 
 
-def test_process_metrics_cover_every_role(url: str) -> None:
+def test_process_metrics_cover_every_role(url: str, frontend: str) -> None:
     text = get_metrics(url)[0]
     roles = {labels["process"] for name, labels, _ in samples(text) if name == "process_open_fds"}
-    expected = {"launcher", "ApiServer_0", "ApiServer_1", "EngineCore_0", "EngineCore_1"}
+    # The native frontend is one process, `RustFrontend`, in place of the API servers.
+    frontends = {"ApiServer_0", "ApiServer_1"} if frontend == "python" else {"RustFrontend"}
+    expected = {"launcher", "EngineCore_0", "EngineCore_1", *frontends}
     assert expected <= roles
     for role in expected:
         assert total(text, "process_resident_memory_bytes", process=role) > 0

@@ -19,8 +19,8 @@ NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
-    with running_server(tiny_model_dir, "--stream-interval", "4") as server:
+def server(tiny_model_dir: str, frontend: str) -> Iterator[ServeProcess]:
+    with running_server(tiny_model_dir, "--stream-interval", "4", frontend=frontend) as server:
         yield server
 
 

@@ -1,4 +1,7 @@
-"""`shoal serve` with 2 API servers and 2 engines (+ the DP coordinator), end to end over HTTP."""
+"""`shoal serve` with 2 API servers and 2 engines (+ the DP coordinator), end to end over HTTP.
+
+On both frontends (`[python]`, `[rust]`: one native process instead of the 2 API servers,
+routing over the same coordinator's loads)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,14 @@ import httpx
 import openai
 import pytest
 
-from tests.serving.conftest import TINY_FLAGS, ServeProcess, files_under, start_serve
+from tests.serving.conftest import (
+    RUST_FRONTEND_BINARY,
+    TINY_FLAGS,
+    ServeProcess,
+    files_under,
+    frontend_flags,
+    start_serve,
+)
 
 ROLES = ["ApiServer_0", "ApiServer_1", "EngineCore_0", "EngineCore_1", "DPCoordinator"]
 # One running sequence per engine: concurrent requests queue, so the load stays visible.
@@ -23,10 +33,11 @@ NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: str) -> Iterator[ServeProcess]:
+def server(tiny_model_dir: str, frontend: str) -> Iterator[ServeProcess]:
+    extra_flags, env = frontend_flags(frontend)
     rpc_base = tempfile.mkdtemp(prefix="shoal-topology-")
-    argv = [tiny_model_dir, *TINY_FLAGS, *FLAGS, "--shutdown-timeout", "5"]
-    server = start_serve(argv, rpc_base=rpc_base)
+    argv = [tiny_model_dir, *TINY_FLAGS, *FLAGS, "--shutdown-timeout", "5", *extra_flags]
+    server = start_serve(argv, rpc_base=rpc_base, env=env)
     try:
         yield server
     finally:
@@ -53,8 +64,14 @@ def _engine_gauges(url: str, name: str) -> dict[int, float]:
     return {int(k): float(v) for k, v in pattern.findall(text)}
 
 
-def test_every_role_runs_as_a_named_process(server: ServeProcess) -> None:
-    for role in ROLES:
+def test_every_role_runs_as_a_named_process(server: ServeProcess, frontend: str) -> None:
+    if frontend == "python":
+        roles = ROLES
+    else:  # the native frontend in place of the API servers
+        roles = [r for r in ROLES if not r.startswith("ApiServer_")]
+        names = {p.name() for p in server.descendants()}
+        assert RUST_FRONTEND_BINARY in names, names
+    for role in roles:
         assert server.child_named(role).is_running()
     assert "shoal is ready at http://127.0.0.1:" in server.log
 
@@ -151,9 +168,10 @@ def test_a_second_server_on_the_same_port_fails_clearly(
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
 
 
-def test_sigint_stops_every_process(server: ServeProcess) -> None:
+def test_sigint_stops_every_process(server: ServeProcess, frontend: str) -> None:
     pids = {p.pid for p in server.descendants()}
-    assert len(pids) >= len(ROLES)
+    # The native frontend: one process in place of the 2 API servers.
+    assert len(pids) >= (len(ROLES) if frontend == "python" else len(ROLES) - 1)
     assert server.stop(signal.SIGINT, 60) == 0
     assert server.leftovers() == []
     assert "shoal stopped" in server.log
