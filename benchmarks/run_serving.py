@@ -54,7 +54,8 @@ class Workload:
 
 @dataclass
 class ServerSpec:
-    # "bare-1", "tiny-1", "tinysi-1", "default-1", "float32-1", "int8-1", "gguf-1", "int8-kv32-1"
+    # "bare-1", "tiny-1", "tinysi-1", "default-1", "float32-1", "int8-1", "gguf-1", "int8-kv32-1",
+    # "rust-tiny-1", "rust-default-1"
     name: str
     kind: str  # "bare", "shoal", "llama" (llama-server) or "vllm"
     model_label: str
@@ -134,6 +135,24 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
             1,
             [wl(16, 64, 16), wl(64, 192, 64)],
             ["--quantization", "int8", "--kv-cache-dtype", "float32"],
+        ),
+        # The native frontend (--frontend rust, docs/native-frontend.md) on the same servers as
+        # tiny-1 and default-1: `--only tiny,rust` or `--only default,rust` compare them.
+        ServerSpec(
+            "rust-tiny-1",
+            "shoal",
+            "tiny random (2 layers, hidden 64), --frontend rust",
+            1,
+            stream,
+            [*tiny_flags, "--frontend", "rust"],
+        ),
+        ServerSpec(
+            "rust-default-1",
+            "shoal",
+            "SmolLM2-135M-Instruct Q4_1, no flags (auto: gguf mode), --frontend rust",
+            1,
+            [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)],
+            ["--frontend", "rust"],
         ),
     ]
     specs += anchor_specs(args, [wl(1, 16, 4), wl(16, 64, 16), wl(64, 192, 64)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import select
 import signal
 import sys
 import threading
@@ -218,6 +219,7 @@ def _chat(args: argparse.Namespace, stdin: TextIO) -> int:
         try:  # the prompt inside: a Ctrl-C right after it still counts as one at the prompt
             if interactive:
                 print("> ", end="", file=sys.stderr, flush=True)
+                _wait_for_input(stdin)
             line = stdin.readline()
         except KeyboardInterrupt:
             if exit_armed:
@@ -243,6 +245,19 @@ def _chat(args: argparse.Namespace, stdin: TextIO) -> int:
         if interrupts.stop:
             exit_armed = True
             print("[stopped]", file=sys.stderr, flush=True)
+
+
+def _wait_for_input(stdin: TextIO) -> None:
+    """Return once `stdin` has input, waking every 0.2 s meanwhile.
+
+    The kernel may deliver a Ctrl-C's SIGINT to any thread that does not block it (the
+    engine's OpenMP threads among them). Python then only sets a flag, and a main thread
+    blocked in read() would not see it until the next line: waking up runs the handler.
+    Only for a terminal: in canonical mode each read returns at most one line, so nothing
+    waits in `stdin`'s buffer that select() cannot see."""
+    with contextlib.suppress(OSError, ValueError):  # not a real file: readline decides
+        while not select.select([stdin], [], [], 0.2)[0]:
+            pass
 
 
 class _Interrupts:

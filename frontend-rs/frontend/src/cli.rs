@@ -6,8 +6,10 @@
 
 use clap::{Args, Parser, Subcommand};
 
-/// Default tokio worker threads (--worker-threads, SHOAL_FRONTEND_WORKER_THREADS).
-pub const DEFAULT_WORKER_THREADS: usize = 2;
+/// Default tokio worker threads (--worker-threads, SHOAL_FRONTEND_WORKER_THREADS). One: the
+/// streaming path is bound by per-chunk socket writes, and a second worker mostly adds
+/// cross-thread wake-ups and work stealing (more CPU per streamed token, not less).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 
 #[derive(Debug, Parser)]
 #[command(name = "shoal-frontend", version, about = "shoal's native OpenAI frontend")]
@@ -48,7 +50,7 @@ pub struct FrontendArgs {
     /// The shared runtime arguments (shoal.runtime.frontend.frontend_args_json).
     #[arg(long, value_name = "JSON")]
     pub args_json: String,
-    /// Tokio worker threads (default: $SHOAL_FRONTEND_WORKER_THREADS or 2).
+    /// Tokio worker threads (default: $SHOAL_FRONTEND_WORKER_THREADS or 1).
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 }
@@ -109,7 +111,7 @@ fn one_line(message: &str) -> String {
 }
 
 impl FrontendArgs {
-    /// --worker-threads, else SHOAL_FRONTEND_WORKER_THREADS, else 2; `Err` for a bad
+    /// --worker-threads, else SHOAL_FRONTEND_WORKER_THREADS, else 1; `Err` for a bad
     /// environment value.
     pub fn worker_threads(&self) -> Result<usize, String> {
         if let Some(n) = self.worker_threads {

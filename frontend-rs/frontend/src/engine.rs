@@ -122,6 +122,9 @@ struct Seq {
     first_output: Option<Instant>,
     last_output: Option<Instant>,
     num_generated: u64,
+    /// The frontend ended it on a stop string and aborted it in the engine
+    /// (`abort_stopped`): the engine's final ABORT counts as finished_reason "stop".
+    stopped: bool,
 }
 
 struct State {
@@ -484,7 +487,15 @@ impl EngineLink {
                 let (tx, rx) = unbounded_channel();
                 st.seqs.insert(
                     id.clone(),
-                    Seq { engine, tx, parent: parent_id, first_output: None, last_output: None, num_generated: 0 },
+                    Seq {
+                        engine,
+                        tx,
+                        parent: parent_id,
+                        first_output: None,
+                        last_output: None,
+                        num_generated: 0,
+                        stopped: false,
+                    },
                 );
                 st.in_flight[engine] += 1;
                 receivers.push(rx);
@@ -498,14 +509,26 @@ impl EngineLink {
     /// Abort engine requests (ids not in flight are ignored); never fails. Their
     /// registrations end when the engine's final (ABORT) output arrives.
     pub fn abort(&self, request_ids: Vec<String>) {
+        self.abort_ids(request_ids, false);
+    }
+
+    /// Abort engine requests that the frontend ended on a stop string: as `abort`, but the
+    /// engine's final ABORT output counts them as finished_reason "stop" in the metrics
+    /// (as the Python server counts them).
+    pub fn abort_stopped(&self, request_ids: Vec<String>) {
+        self.abort_ids(request_ids, true);
+    }
+
+    fn abort_ids(&self, request_ids: Vec<String>, stopped: bool) {
         let mut by_engine: HashMap<usize, Vec<String>> = HashMap::new();
         {
-            let st = State::lock(&self.shared.state);
+            let mut st = State::lock(&self.shared.state);
             if st.dead_reason.is_some() {
                 return;
             }
             for id in request_ids {
-                if let Some(seq) = st.seqs.get(&id) {
+                if let Some(seq) = st.seqs.get_mut(&id) {
+                    seq.stopped |= stopped;
                     by_engine.entry(seq.engine).or_default().push(id);
                 }
             }
@@ -774,9 +797,12 @@ impl Worker {
     }
 
     fn drain_outputs(&mut self) {
+        // Received into a zmq message (no copy into a fresh Vec per frame; a frame of a
+        // 64-request step is a few KiB, and such allocations were a visible cost here).
+        let mut frame = zmq::Message::new();
         for _ in 0..MAX_BATCH {
-            match self.sockets.pull.recv_bytes(zmq::DONTWAIT) {
-                Ok(frame) => self.handle_output_frame(&frame),
+            match self.sockets.pull.recv(&mut frame, zmq::DONTWAIT) {
+                Ok(()) => self.handle_output_frame(&frame),
                 Err(zmq::Error::EAGAIN) => return,
                 Err(e) => {
                     log_error!("output socket receive failed: {e}");
@@ -822,8 +848,9 @@ impl Worker {
             };
             let engine = seq.engine;
             let parent_id = seq.parent;
+            let mut first_of_seq = false;
             if num_new > 0 {
-                let first_of_seq = seq.first_output.is_none();
+                first_of_seq = seq.first_output.is_none();
                 if let Some(m) = &metrics {
                     m.tokens(engine, num_new);
                     if let (false, Some(last)) = (first_of_seq, seq.last_output) {
@@ -835,20 +862,27 @@ impl Worker {
                 }
                 seq.last_output = Some(now);
                 seq.num_generated += num_new;
-                if first_of_seq {
-                    if let Some(parent) = st.parents.get_mut(&parent_id) {
-                        if !parent.has_first_token {
-                            parent.has_first_token = true;
-                            if let Some(m) = &metrics {
-                                m.first_token(engine, (wall - parent.arrival_wall).max(0.0), parent.num_prompt_tokens);
-                            }
+            }
+            if finish.is_none() && !first_of_seq {
+                // The common case (one more token of a running sequence): hand it over.
+                // The waiter may be gone (client disconnected): its abort is on the way.
+                let _ = seq.tx.send(EngineEvent::Output(output));
+                continue;
+            }
+            // Ended by the frontend on a stop string: the engine's ABORT is that stop.
+            let stopped = seq.stopped;
+            if first_of_seq {
+                if let Some(parent) = st.parents.get_mut(&parent_id) {
+                    if !parent.has_first_token {
+                        parent.has_first_token = true;
+                        if let Some(m) = &metrics {
+                            m.first_token(engine, (wall - parent.arrival_wall).max(0.0), parent.num_prompt_tokens);
                         }
                     }
                 }
             }
             let Some(reason) = finish else {
                 if let Some(seq) = st.seqs.get(output.request_id.as_str()) {
-                    // The waiter may be gone (client disconnected): its abort is on the way.
                     let _ = seq.tx.send(EngineEvent::Output(output));
                 }
                 continue;
@@ -859,8 +893,13 @@ impl Worker {
             if let (Some(t), Some(parent)) = (&output.phase_times, st.parents.get_mut(&parent_id)) {
                 parent.phase_times = Some((t.queue_s, t.prefill_s, t.decode_s));
             }
+            let severity = if stopped && reason != FinishReason::Error {
+                finish_severity(FinishReason::Stop)
+            } else {
+                finish_severity(reason)
+            };
             let tx = st.seqs.get(output.request_id.as_str()).map(|seq| seq.tx.clone());
-            if let (Some(record), Some(m)) = (st.end_seq(&output.request_id, finish_severity(reason), wall), &metrics) {
+            if let (Some(record), Some(m)) = (st.end_seq(&output.request_id, severity, wall), &metrics) {
                 m.request_finished(&record);
             }
             if let Some(tx) = tx {
@@ -1201,6 +1240,42 @@ mod tests {
         let (kind, payload) = fakes[0].recv();
         assert_eq!(kind, shoal_wire::REQUEST_ABORT);
         assert_eq!(AbortRequest::decode(&payload).unwrap().request_ids, vec!["b".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_request_ended_on_a_stop_string_counts_as_stop() {
+        let (link, fakes, _ctx, _dir) = started(1).await;
+        let metrics = Arc::new(Metrics::new("tiny", vec![0]));
+        link.set_metrics(metrics.clone());
+        // Two API requests (one sequence each).
+        let mut rxs = link.submit(vec![request("s")]).unwrap();
+        rxs.extend(link.submit(vec![request("a")]).unwrap());
+        fakes[0].recv();
+        fakes[0].recv();
+        fakes[0].send_outputs(vec![output("s", vec![7], None), output("a", vec![8], None)], None);
+        next(&mut rxs[0]).await;
+        next(&mut rxs[1]).await;
+        // "s" ended on a stop string in the frontend; "a" lost its client.
+        link.abort_stopped(vec!["s".to_string()]);
+        link.abort(vec!["a".to_string()]);
+        for id in ["s", "a"] {
+            let (kind, payload) = fakes[0].recv();
+            assert_eq!(kind, shoal_wire::REQUEST_ABORT);
+            assert_eq!(AbortRequest::decode(&payload).unwrap().request_ids, vec![id.to_string()]);
+        }
+        fakes[0].send_outputs(
+            vec![output("s", vec![], Some(FinishReason::Abort)), output("a", vec![], Some(FinishReason::Abort))],
+            None,
+        );
+        next(&mut rxs[0]).await;
+        next(&mut rxs[1]).await;
+        let text = metrics.render(&link);
+        let line = |reason: &str| {
+            format!("vllm:request_success_total{{model_name=\"tiny\",engine=\"0\",finished_reason=\"{reason}\"}} 1\n")
+        };
+        assert!(text.contains(&line("stop")), "{text}");
+        assert!(text.contains(&line("abort")), "{text}");
+        assert_eq!(link.snapshot().engines[0].in_flight, 0);
     }
 
     #[tokio::test]

@@ -577,7 +577,7 @@ impl Generation {
                         progressed = true;
                         let seq = &mut self.seqs[i];
                         if seq.update(&self.state.tokenizer, out, &self.stops, wants_logprobs) {
-                            self.state.link.abort(vec![seq.engine_id.clone()]);
+                            self.state.link.abort_stopped(vec![seq.engine_id.clone()]);
                         }
                         if seq.failed {
                             crate::log_error!("the engine failed request {}", seq.engine_id);
