@@ -81,6 +81,10 @@ pub async fn serve(
     let server = builder
         .http1_only(true)
         .http1_keepalive(true)
+        // One buffer per write (chunk-size line, data and CRLF copied together) instead of a
+        // three-piece writev: the same bytes and syscalls, less CPU per streamed chunk
+        // (16.4 vs 17.8 us/token in benchmarks/run_serving.py rust-tiny-1, 2026-12-07).
+        .http1_writev(false)
         .tcp_nodelay(true)
         // uvicorn's timeout_keep_alive, as near as hyper 0.14 has it: a connection that does
         // not send a whole request head in time is closed.
