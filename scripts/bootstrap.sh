@@ -48,7 +48,17 @@ rust_crates_missing() {
 }
 # rustup's cargo (this image's) may sit outside PATH in a non-login shell.
 command -v cargo >/dev/null || PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin:/root/.cargo/bin"
-if ! command -v cargo >/dev/null; then
+# rustup's cargo finds its toolchains through RUSTUP_HOME (default ~/.rustup): with another
+# HOME than the one rustup was installed under it has "no default toolchain".
+if command -v cargo >/dev/null && ! cargo -V >/dev/null 2>&1; then
+    for dir in /root/.rustup /usr/local/rustup; do
+        if [ -d "$dir/toolchains" ] && RUSTUP_HOME="$dir" cargo -V >/dev/null 2>&1; then
+            export RUSTUP_HOME="$dir"
+            break
+        fi
+    done
+fi
+if ! command -v cargo >/dev/null || ! cargo -V >/dev/null 2>&1; then
     echo "bootstrap: cargo not found; the native frontend (--frontend rust) is not built" \
         "(install Debian's cargo, then rerun this script)" >&2
 else
