@@ -185,34 +185,6 @@ def test_stop_string_cuts_the_text(client: openai.OpenAI, model: str) -> None:
     assert "".join(c.choices[0].text for c in stream if c.choices) == expected
 
 
-def test_completion_and_chat_logprobs(client: openai.OpenAI, model: str) -> None:
-    r = client.completions.create(
-        model=model, prompt="Log", max_tokens=5, temperature=0, logprobs=2, extra_body=NO_EOS
-    )
-    lp = r.choices[0].logprobs
-    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
-    assert lp.top_logprobs is not None and len(lp.tokens) == len(lp.top_logprobs) == 5
-    assert "".join(lp.tokens) == r.choices[0].text
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
-        assert logprob <= 0 and len(top) == 2 and token in top
-        assert max(top.values()) == pytest.approx(logprob)
-    chat = client.chat.completions.create(
-        model=model,
-        messages=MESSAGES,
-        max_completion_tokens=4,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=3,
-        extra_body=NO_EOS,
-    )
-    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content is not None and len(content) == 4
-    assert "".join(e.token for e in content) == chat.choices[0].message.content
-    for entry in content:
-        assert len(entry.top_logprobs) == 3
-        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
-
-
 # ---------------------------------------------------------------- the same as python
 
 

@@ -142,10 +142,20 @@ impl Seq {
         prompt: &[u32],
         skip_special: bool,
     ) -> Seq {
+        let detokenizer = IncrementalDetokenizer::new(tokenizer, prompt, skip_special);
+        Seq::with_detokenizer(index, engine_id, Some(detokenizer))
+    }
+
+    /// A sequence with nothing generated yet (`None`: text is fed in directly, in tests).
+    fn with_detokenizer(
+        index: usize,
+        engine_id: String,
+        detokenizer: Option<IncrementalDetokenizer>,
+    ) -> Seq {
         Seq {
             index,
             engine_id,
-            detokenizer: Some(IncrementalDetokenizer::new(tokenizer, prompt, skip_special)),
+            detokenizer,
             text: String::new(),
             sent_bytes: 0,
             sent_chars: 0,
@@ -995,21 +1005,7 @@ mod tests {
     }
 
     fn text_seq() -> Seq {
-        Seq {
-            index: 0,
-            engine_id: "r".into(),
-            detokenizer: None,
-            text: String::new(),
-            sent_bytes: 0,
-            sent_chars: 0,
-            num_tokens: 0,
-            sent_tokens: 0,
-            logprobs: Vec::new(),
-            sent_logprobs: 0,
-            finish: None,
-            stop_reason: None,
-            failed: false,
-        }
+        Seq::with_detokenizer(0, "r".into(), None)
     }
 
     /// Feed text increments (one token each); the streamed deltas and the end state.
