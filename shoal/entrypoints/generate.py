@@ -196,9 +196,20 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
 
     Ctrl-C while a reply streams stops it (what came so far stays in the conversation);
     Ctrl-C at the prompt right after that, or twice in a row, or Ctrl-D, exits (0). Never
-    a traceback: Ctrl-C while the model loads exits with 130."""
+    a traceback: Ctrl-C while the model loads exits with 130.
+
+    On a terminal Ctrl-C works even when the process started with SIGINT ignored (a
+    background job of a non-interactive shell: `cmd &` in a script, `nohup`), where Python
+    installs no KeyboardInterrupt handler at all and Ctrl-C at the prompt did nothing."""
+    stdin = stdin or sys.stdin
+    if (
+        stdin.isatty()
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return _chat(args, stdin or sys.stdin)
+        return _chat(args, stdin)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -9,11 +9,12 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -25,7 +26,7 @@ CTRL_C, CTRL_D = b"\x03", b"\x04"
 class Terminal:
     """A child process on a pty; `expect` reads its output until a pattern shows up."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], preexec_fn: Callable[[], None] | None = None) -> None:
         master, slave = pty.openpty()
         self.master = master
         self.proc = subprocess.Popen(
@@ -33,7 +34,7 @@ class Terminal:
             stdin=slave,
             stdout=slave,
             stderr=slave,
-            preexec_fn=_own_terminal,
+            preexec_fn=preexec_fn or _own_terminal,
             close_fds=True,
         )
         os.close(slave)
@@ -93,11 +94,20 @@ def _own_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _ignoring_sigint() -> None:
+    """How a background job of a non-interactive shell starts (`cmd &` in a CI script)."""
+    _own_terminal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _chat_argv(tiny_model_dir: str) -> list[str]:
+    argv = [sys.executable, "-m", "shoal.entrypoints.cli", "chat", "--model", tiny_model_dir]
+    return [*argv, *ENGINE_FLAGS, "--max-tokens", "1800", "--ignore-eos", "--temperature", "0"]
+
+
 @pytest.fixture
 def chat(tiny_model_dir: str) -> Iterator[Terminal]:
-    argv = [sys.executable, "-m", "shoal.entrypoints.cli", "chat", "--model", tiny_model_dir]
-    argv += [*ENGINE_FLAGS, "--max-tokens", "1800", "--ignore-eos", "--temperature", "0"]
-    terminal = Terminal(argv)
+    terminal = Terminal(_chat_argv(tiny_model_dir))
     try:
         yield terminal
     finally:
@@ -134,3 +144,20 @@ def test_ctrl_c_twice_at_the_prompt_exits(chat: Terminal) -> None:
     at = chat.expect(rb"Ctrl-C again or Ctrl-D to exit\)\r?\n> ", at)
     chat.type(CTRL_C)
     assert chat.wait() == 0
+
+
+def test_ctrl_c_works_when_started_with_sigint_ignored(tiny_model_dir: str) -> None:
+    """Started the way a script's background job is (SIGINT ignored, so Python installs no
+    KeyboardInterrupt handler), Ctrl-C still stops a reply and exits at the prompt."""
+    chat = Terminal(_chat_argv(tiny_model_dir), preexec_fn=_ignoring_sigint)
+    try:
+        at = chat.expect(rb"> $")
+        chat.type(b"Tell me a long story.\n")
+        at = chat.expect(rb"\S{20}", chat.expect(rb"story\.\r?\n", at))
+        chat.type(CTRL_C)
+        at = chat.expect(rb"\[stopped\]\r?\n> ", at)
+        chat.type(CTRL_C)
+        assert chat.wait() == 0
+    finally:
+        chat.close()
+    assert b"Traceback" not in chat.output, chat.output.decode(errors="replace")
