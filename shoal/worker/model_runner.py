@@ -32,7 +32,7 @@ from shoal.worker.input_batch import (
 )
 from shoal.worker.penalties import build_controls
 from shoal.worker.prompt_pass import PromptPass
-from shoal.worker.sampler import DRAWS_PER_TOKEN, SamplingBatch, TokenLogprobs, sample
+from shoal.worker.sampler import SamplingBatch, TokenLogprobs, sample, skip_draws
 
 logger = init_logger(__name__)
 
@@ -284,11 +284,7 @@ class ModelRunner:
         if params.seed is None or params.is_greedy:
             return None
         generator = torch.Generator(self.device).manual_seed(params.seed)
-        # The sampler's draws, one float64 per call as `draw_uniforms` makes them (on CUDA a
-        # call of n values advances the generator differently from n calls of one).
-        scratch = torch.empty(1, dtype=torch.float64, device=self.device)
-        for _ in range(len(new.output_token_ids) * DRAWS_PER_TOKEN):
-            scratch.uniform_(generator=generator)
+        skip_draws(generator, len(new.output_token_ids), self.device)
         return generator
 
     def _prepare_inputs(

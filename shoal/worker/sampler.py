@@ -19,7 +19,7 @@ Contract (per row of the logits, i.e. per request sampled this step):
    (summed in float64, so a token down to ~1e-16 of the mass keeps its chance) exceeds u
    times the total. A filtered token has no mass and is never drawn.
 5. A seeded request draws its u from its own `torch.Generator`, exactly one float64 per
-   sampled token (`DRAWS_PER_TOKEN`), so its tokens do not depend on the rest of the batch or
+   sampled token (`skip_draws` replays them), so its tokens do not depend on the rest of the batch or
    on its row, and a resumed request skips as many draws as it has outputs.
 
 The draw was an exponential race (argmax of probs / E, E ~ Exp(1) per token) until torch's
@@ -137,9 +137,13 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
 
 
-# Random values a seeded request's generator yields per sampled token (`draw_uniforms`);
-# `ModelRunner` skips this many per existing output when a preempted request resumes.
-DRAWS_PER_TOKEN = 1
+def skip_draws(generator: torch.Generator, tokens: int, device: torch.device) -> None:
+    """Advance a seeded request's generator past the draws of `tokens` sampled tokens, one
+    call of one value each as `draw_uniforms` makes them (on CUDA one call of n values
+    advances it differently): a resumed request continues its random stream."""
+    scratch = torch.empty(1, dtype=torch.float64, device=device)
+    for _ in range(tokens):
+        scratch.uniform_(generator=generator)
 
 
 def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:

@@ -4,33 +4,14 @@ llama-perplexity parsing count what they say."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
-from types import ModuleType
 
 import pytest
 import torch
 
-from tests.helpers import make_tiny_hf_checkpoint
+from tests.helpers import load_benchmark, make_tiny_hf_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load_quality() -> ModuleType:
-    # benchmarks/ is a folder of scripts, not a package.
-    spec = importlib.util.spec_from_file_location(
-        "quality", os.path.join(REPO, "benchmarks", "quality.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_quality()
+quality = load_benchmark("quality")
 
 
 def test_windows_are_llama_perplexity_chunks() -> None:

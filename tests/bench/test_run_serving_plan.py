@@ -4,28 +4,13 @@ otherwise; the anchor table compares shoal's no-flags row with them."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
-from types import ModuleType
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import load_benchmark
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "run_serving", os.path.join(REPO, "benchmarks", "run_serving.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_serving"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-run_serving = _load()
+run_serving = load_benchmark("run_serving")
 
 
 def _plan(tmp_path, *argv: str) -> tuple[dict, list[str]]:

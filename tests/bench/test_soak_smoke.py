@@ -3,30 +3,13 @@ random-weight model, its report's fields, the drained KV cache, and the server g
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from types import ModuleType
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import load_benchmark
 
-
-def _load_soak() -> ModuleType:
-    # benchmarks/ is a folder of scripts, not a package.
-    spec = importlib.util.spec_from_file_location(
-        "soak", os.path.join(REPO, "benchmarks", "soak.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_soak()
+soak = load_benchmark("soak")
 
 
 def test_bad_flags_name_the_flag() -> None:

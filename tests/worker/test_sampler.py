@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.worker.sampler import DRAWS_PER_TOKEN, SamplingBatch, inverse_cdf, sample
+from shoal.worker.sampler import SamplingBatch, inverse_cdf, sample, skip_draws
 
 VOCAB = 100
 
@@ -132,14 +132,12 @@ def test_inverse_cdf_edges_land_on_tokens_with_mass() -> None:
     assert inverse_cdf(probs[1:], torch.tensor([0.7], dtype=torch.float64)).tolist() == [3]
 
 
-def test_a_seeded_row_draws_once_per_token() -> None:
-    """DRAWS_PER_TOKEN is what one sampled token takes from a row's generator: a generator
-    advanced by that many draws per token continues the sequence (a resumed request)."""
+def test_a_seeded_row_resumes_after_skip_draws() -> None:
+    """`skip_draws` takes from a row's generator what sampled tokens took: a generator
+    advanced past 3 tokens continues the sequence (a resumed request)."""
     row = _logits(1, seed=11)
     gen_a = torch.Generator().manual_seed(99)
     tokens = [_draw(row, _batch(1, generators=[gen_a]))[0] for _ in range(6)]
     gen_b = torch.Generator().manual_seed(99)
-    scratch = torch.empty(1, dtype=torch.float64)
-    for _ in range(3 * DRAWS_PER_TOKEN):
-        scratch.uniform_(generator=gen_b)
+    skip_draws(gen_b, 3, torch.device("cpu"))
     assert [_draw(row, _batch(1, generators=[gen_b]))[0] for _ in range(3)] == tokens[3:]
